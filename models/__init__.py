@@ -1,0 +1,60 @@
+"""Models for Ring Quantization and the one place that builds them from a config."""
+import torch.nn as nn
+
+from .mnist_nets import LeNet, MLP
+from .resnet_ring import DEPTHS, cifar_resnet
+from .ring_layers import RingConv2d, RingLinear, RingQuantizer
+
+CIFAR_MODELS = tuple(DEPTHS)
+MNIST_MODELS = ("mlp", "lenet")
+MODELS = CIFAR_MODELS + MNIST_MODELS
+QUANTIZATIONS = ("ring", "none")
+
+
+def layer_factories(config):
+    """(conv, linear) constructors for the config's quantization.
+
+    conv(in, out, kernel_size, stride, padding); linear(in, out). Ring layers
+    of one model share one :class:`RingQuantizer`, so a mode or sigma change
+    reaches all of them.
+    """
+    if config["quantization"] == "none":
+        def conv(cin, cout, k, stride, padding):
+            return nn.Conv2d(cin, cout, k, stride, padding, bias=False)
+
+        def linear(cin, cout):
+            return nn.Linear(cin, cout, bias=False)
+        return conv, linear
+    quantizer = RingQuantizer(
+        ring_size=config["ring_size"], ring_type=config.get("ring_type", "triangle"),
+        layout=config.get("ring_layout", "published"),
+        interpolation=config.get("interpolation", "gaussian"), sigma=config.get("sigma"))
+
+    def ring_conv(cin, cout, k, stride, padding):
+        return RingConv2d(cin, cout, k, stride, padding, quantizer=quantizer)
+
+    def ring_linear(cin, cout):
+        return RingLinear(cin, cout, quantizer=quantizer)
+    return ring_conv, ring_linear
+
+
+def build_model(config):
+    """Build the model a config (mapping) describes.
+
+    Keys: model, quantization (ring|none), ring_size, ring_type, ring_layout,
+    interpolation, sigma, num_classes, in_channels, image_size.
+    """
+    name = config["model"]
+    if config["quantization"] not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {config['quantization']!r}; choose from {QUANTIZATIONS}")
+    conv, linear = layer_factories(config)
+    num_classes = config.get("num_classes", 10)
+    in_channels = config.get("in_channels", 3 if name in CIFAR_MODELS else 1)
+    if name in CIFAR_MODELS:
+        return cifar_resnet(name, conv, num_classes, in_channels)
+    image_size = config.get("image_size", 28)
+    if name == "mlp":
+        return MLP(linear, num_classes, in_channels, image_size)
+    if name == "lenet":
+        return LeNet(conv, linear, num_classes, in_channels, image_size)
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")

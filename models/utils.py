@@ -1,0 +1,65 @@
+"""Helpers that act on every ring layer of a model."""
+import math
+
+import torch
+
+from . import ring_math
+from .ring_layers import RING_LAYERS
+
+
+def ring_layers(model):
+    """(name, layer) for every ring layer of ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, RING_LAYERS)]
+
+
+def is_ring_model(model):
+    return bool(ring_layers(model))
+
+
+@torch.no_grad()
+def clamp_positions(model):
+    """Clamp every position to [0, 1], as the published training does after each step."""
+    for _, layer in ring_layers(model):
+        layer.positions.clamp_(0, 1)
+
+
+def set_weight_mode(model, mode):
+    """Set ``soft``, ``hard`` or ``ste`` on every ring layer."""
+    for _, layer in ring_layers(model):
+        layer.quantizer.mode = mode
+
+
+def set_sigma(model, sigma):
+    """Set the Gaussian kernel width (ring-index units) on every ring layer."""
+    for _, layer in ring_layers(model):
+        layer.quantizer.sigma = float(sigma)
+
+
+def ring_summary(model):
+    """Facts users must see about a ring model's weights, as a dict (None for FP32).
+
+    Distinct values and effective bits are read off the ring buffer actually
+    loaded, so a checkpoint's ring is described as it is.
+    """
+    layers = ring_layers(model)
+    if not layers:
+        return None
+    layer = layers[0][1]
+    q = layer.quantizer
+    distinct = ring_math.distinct_values(layer.ring_template)
+    return {
+        "ring_size": q.ring_size,
+        "ring_type": q.ring_type,
+        "ring_layout": q.layout,
+        "interpolation": q.interpolation,
+        "sigma": q.sigma,
+        "nominal_bits": math.log2(q.ring_size),
+        "distinct_values": [round(v, 6) for v in distinct.tolist()],
+        "num_distinct_values": len(distinct),
+        "effective_bits": math.log2(len(distinct)),
+        "quantized_weights": sum(m.positions.numel() for _, m in layers),
+    }
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
