@@ -25,16 +25,18 @@ def ring_values(ring_size, ring_type="triangle", layout="published"):
     ``published``: ``t = linspace(0, 2*pi, N)`` with the endpoint included, as in
     the original paper, so ring[0] == ring[N-1] and symmetric shapes repeat
     values (triangle ring-4 holds 2 distinct values, ring-8 holds 4).
-    ``distinct``: ``t_i = 2*pi*(i + 1/4)/N`` for i < N (endpoint excluded, a
-    quarter step of phase), so all N values differ for both shapes; for the
-    triangle they are the N evenly spaced levels ``-1 + (2k+1)/N``.
+    ``distinct``: ``t_i = 2*pi*(i + phase)/N`` for i < N (endpoint excluded)
+    with a quarter step of phase (none for a sin ring of odd N), so all N
+    values differ for both shapes; for the triangle they are the N evenly
+    spaced levels ``-1 + (2k+1)/N``.
     """
     if ring_size < 2:
         raise ValueError(f"ring_size must be >= 2, got {ring_size}")
     if layout == "published":
         t = torch.linspace(0, 2 * math.pi, ring_size, dtype=torch.float64)
     elif layout == "distinct":
-        t = 2 * math.pi * (torch.arange(ring_size, dtype=torch.float64) + 0.25) / ring_size
+        phase = 0.0 if ring_type == "sin" and ring_size % 2 else 0.25
+        t = 2 * math.pi * (torch.arange(ring_size, dtype=torch.float64) + phase) / ring_size
     else:
         raise ValueError(f"unknown ring layout {layout!r}; choose from {RING_LAYOUTS}")
     if ring_type == "triangle":

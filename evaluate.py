@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Evaluate any checkpoint honestly: soft (published) and hard (k-bit) weights.
+
+    python evaluate.py --checkpoint FILE [--data-dir DIR] [--json OUT]
+
+FILE may be a training checkpoint of this project, a packed k-bit file from
+export.py, or one of the original authors' files (the config is inferred).
+"""
+import argparse
+import json
+from pathlib import Path
+
+from models import CIFAR_MODELS
+from ringq import data as data_lib
+from ringq.checkpoint import load_model_from_checkpoint
+from ringq.errors import RingqError
+from ringq.engine import evaluate, evaluate_all_modes, recalibrate_batchnorm
+from ringq.runtime import resolve_device, run_cli
+from ringq.train import report_dict
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint to evaluate")
+    parser.add_argument("--data-dir", default="./data", help="official dataset files or an "
+                        "ImageFolder tree with test/ (and train/ for --bn-recalibrate)")
+    parser.add_argument("--dataset", choices=data_lib.DATASETS,
+                        help="dataset (default: recorded in the checkpoint, else cifar10)")
+    parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                        help="re-estimate BatchNorm statistics with hard weights from N "
+                             "training images (no labels) and report hard accuracy after")
+    parser.add_argument("--no-download", dest="download", action="store_false",
+                        help="never download the dataset")
+    parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def format_report(report, meta, checkpoint):
+    lines = [f"checkpoint      {checkpoint} ({meta.get('source')})",
+             f"model           {report['model']} ({report['quantization']}), "
+             f"{report['parameters']:,} parameters"]
+    if "ring_size" in report:
+        lines += [f"ring            size {report['ring_size']}, {report['ring_type']}, "
+                  f"layout {report['ring_layout']}",
+                  f"bits            nominal {report['nominal_bits']:.2f}, distinct values "
+                  f"{report['num_distinct_values']} {report['distinct_values']}, effective "
+                  f"{report['effective_bits']:.2f}"]
+    for mode in report["accuracy"]:
+        lines.append(f"{mode:<15} accuracy {report['accuracy'][mode]:6.2f}%  loss "
+                     f"{report['loss'][mode]:.4f}  ({report['num_examples']} test images)")
+    if "bn_recalibration" in report:
+        r = report["bn_recalibration"]
+        lines.append(f"hard + BN recal accuracy {r['accuracy']:6.2f}%  loss {r['loss']:.4f}  "
+                     f"(statistics from {r['images']} training images)")
+    if meta.get("best_accuracy") is not None:
+        lines.append(f"recorded        best accuracy {meta['best_accuracy']} (as saved in the file)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.batch_size <= 0 or args.bn_recalibrate < 0:
+        raise RingqError("--batch-size must be > 0 and --bn-recalibrate >= 0")
+    device = resolve_device(args.device)
+    model, mcfg, meta = load_model_from_checkpoint(args.checkpoint)
+    dataset = args.dataset or meta.get("dataset") or (
+        "cifar10" if mcfg["model"] in CIFAR_MODELS else "fashion-mnist")
+    mean, std = data_lib.NORMALIZATION[dataset]
+    test = data_lib.load_split(dataset, args.data_dir, "test", download=args.download)
+
+    def loader(ds):
+        return data_lib.make_loader("memory", ds, args.batch_size, mean=mean, std=std,
+                                    device=device, shuffle=False, augment=False, seed=0)
+    model = model.to(device).eval()
+    test_loader = loader(test)
+    progress = not args.quiet
+    if meta.get("source") == "packed":
+        results = {"hard": evaluate(model, test_loader, device, "hard", progress=progress)}
+    else:
+        results = evaluate_all_modes(model, test_loader, device, progress=progress)
+    report = report_dict(model, mcfg, results, checkpoint=str(args.checkpoint),
+                         source=meta.get("source"), recorded_accuracy=meta.get("best_accuracy"),
+                         dataset=dataset)
+    if args.bn_recalibrate:
+        if "hard" not in results:
+            raise RingqError("--bn-recalibrate needs a ring-quantized checkpoint")
+        train = data_lib.load_split(dataset, args.data_dir, "train", download=args.download)
+        idx = data_lib.balanced_indices(train.labels, min(args.bn_recalibrate, len(train)), 0)
+        used = recalibrate_batchnorm(model, loader(train.subset(idx)), args.bn_recalibrate)
+        after = evaluate(model, test_loader, device, "hard", progress=progress)
+        report["bn_recalibration"] = {"images": used, "accuracy": round(after["accuracy"], 4),
+                                      "loss": round(after["loss"], 6)}
+    print(format_report(report, meta, args.checkpoint))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

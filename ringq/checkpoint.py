@@ -1,0 +1,160 @@
+"""Checkpoint I/O: safe loading, atomic saving, and the original authors' files.
+
+Every load goes through ``torch.load(..., weights_only=True)``: a file that
+needs arbitrary pickled code is refused, never executed. Our checkpoints are
+dicts ``{"format": "ringq", "config": {...}, "model": state_dict, ...}`` and
+carry the full config, so ``evaluate.py --checkpoint FILE`` rebuilds the model
+from the file alone. The original checkpoints (``{"model_state_dict": ...}``)
+carry no config: it is inferred from the state dict.
+"""
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from models import DEPTHS, build_model
+from models.ring_math import RING_LAYOUTS, RING_TYPES, ring_values
+
+from .errors import CheckpointError
+
+FORMAT = "ringq"
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A reader (or a crash at any moment) sees either the old file or the new one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def safe_load(path, map_location="cpu"):
+    """Load a torch file with ``weights_only=True``; every failure is a CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0] if "weights_only" in str(e) or "Unsupported" in str(e) \
+            else "not a valid checkpoint"
+        raise CheckpointError(
+            f"{path}: refused: the file needs arbitrary Python objects to load, which could run "
+            f"code; it was not executed ({reason[:120]})") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError,
+            IndexError, TypeError, AttributeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "
+                              f"{first[:120]})") from None
+
+
+def _identify_ring(template):
+    """(ring_type, layout) whose values equal ``template``; CheckpointError if none."""
+    n = template.numel()
+    for layout in RING_LAYOUTS:
+        for ring_type in RING_TYPES:
+            if torch.allclose(template.float().cpu(), ring_values(n, ring_type, layout), atol=1e-5):
+                return ring_type, layout
+    raise CheckpointError(f"unrecognised ring_template {template.tolist()}")
+
+
+def infer_config(state_dict):
+    """Model config of a CIFAR ResNet state dict that carries none (the original files).
+
+    Depth from the number of blocks in ``layer1``, ring size and type from
+    ``conv1.ring_template``, classes from ``linear.weight``.
+    """
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"layer1\.(\d+)\.", k))}
+    depth = {n: name for name, n in DEPTHS.items()}.get(len(blocks))
+    if "linear.weight" not in state_dict or depth is None:
+        raise CheckpointError("state dict is not a CIFAR ResNet-20/32/44/56 (expected keys "
+                              "conv1.*, layer1.N.*, ..., linear.weight)")
+    num_classes, width = state_dict["linear.weight"].shape
+    if "conv1.ring_template" in state_dict:
+        template = state_dict["conv1.ring_template"]
+        ring_type, layout = _identify_ring(template)
+        return {"model": depth, "quantization": "ring", "ring_size": template.numel(),
+                "ring_type": ring_type, "ring_layout": layout, "interpolation": "gaussian",
+                "sigma": None, "num_classes": int(num_classes)}
+    if "conv1.weight" in state_dict:
+        return {"model": depth, "quantization": "none", "num_classes": int(num_classes)}
+    raise CheckpointError("state dict has neither conv1.ring_template nor conv1.weight")
+
+
+def load_state(model, state_dict, source):
+    """load_state_dict(strict) with a one-line error naming what does not fit."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{source}: weights do not fit the model "
+                              f"({detail[:200]})") from None
+
+
+def load_model_from_checkpoint(path, map_location="cpu"):
+    """Rebuild a model from any checkpoint we can read: (model, config, meta).
+
+    Accepts our training checkpoints, packed k-bit files (export.py), the
+    original authors' files and bare state dicts. ``meta`` holds ``source``
+    and, when recorded, ``best_accuracy`` and ``epoch``.
+    """
+    from .packing import is_packed_file, load_packed
+    if Path(path).is_file() and is_packed_file(path):
+        model, config, extra = load_packed(path, map_location=map_location)
+        return model, config, {"source": "packed", **(extra or {})}
+    ckpt = safe_load(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    meta = {}
+    if ckpt.get("format") == FORMAT:
+        config, state = ckpt.get("model_config"), ckpt.get("model")
+        meta.update(source="ringq", epoch=ckpt.get("epoch"),
+                    dataset=(ckpt.get("config") or {}).get("dataset"),
+                    best_accuracy=(ckpt.get("best") or {}).get("accuracy"))
+    else:
+        state = ckpt.get("model_state_dict", ckpt)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                                  for v in state.values()):
+            raise CheckpointError(f"{path}: no model state dict found (expected key "
+                                  f"'model_state_dict' or a dict of tensors)")
+        try:
+            config = infer_config(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        meta.update(source="upstream" if "model_state_dict" in ckpt else "state_dict",
+                    epoch=ckpt.get("epoch"), best_accuracy=ckpt.get("best_accuracy"))
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{path}: checkpoint lacks its model config or weights")
+    try:
+        model = build_model(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid model config ({e})") from None
+    load_state(model, state, path)
+    return model.to(map_location), config, meta

@@ -1,0 +1,267 @@
+"""Run configuration: one table of options, read from defaults, YAML and flags.
+
+Every option has a type, a default, a help line and a check. ``argparse`` flags
+and YAML keys are generated from the same table (``--ring-size`` <->
+``ring_size``), so the two can never disagree. Precedence: task defaults <
+``--config FILE.yaml`` < command-line flags.
+"""
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from models import MODELS, CIFAR_MODELS, MNIST_MODELS, QUANTIZATIONS
+from models.ring_math import INTERPOLATIONS, RING_LAYOUTS, RING_TYPES
+
+from .errors import RingqError
+
+DATASETS = ("cifar10", "mnist", "fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple = None
+    nargs: str = None
+    check: object = None  # callable(value) -> error text or None
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _ring_size(v):
+    return None if 2 <= v <= 256 else "must be between 2 and 256"
+
+
+def _optional_positive(v):
+    return None if v is None or v > 0 else "must be > 0"
+
+
+def _probability_like(v):
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+OPTIONS = [
+    # model
+    Option("model", str, "resnet20", "architecture", choices=MODELS),
+    Option("quantization", str, "ring", "'ring' (ring-quantized) or 'none' (FP32 baseline)",
+           choices=QUANTIZATIONS),
+    Option("ring_size", int, 8, "number of values on the ring (4 = '2-bit', 8 = '3-bit')",
+           check=_ring_size),
+    Option("ring_type", str, "triangle", "shape of the ring", choices=RING_TYPES),
+    Option("ring_layout", str, "published",
+           "'published': linspace with endpoint (ring-N holds N/2 distinct values); "
+           "'distinct': N distinct values", choices=RING_LAYOUTS),
+    Option("interpolation", str, "gaussian", "soft interpolation kernel", choices=INTERPOLATIONS),
+    Option("sigma", float, None, "Gaussian kernel width in ring-index units "
+           "(default: the published max(0.5, N/32))", check=_optional_positive),
+    # k-bit recipe
+    Option("sigma_final", float, None, "anneal sigma geometrically to this value by the last "
+           "epoch (default: no annealing)", check=_optional_positive),
+    Option("ste_epochs", int, 0, "last epochs trained with hard (k-bit) weights in the forward "
+           "pass and soft-kernel gradients (straight-through)", check=_non_negative),
+    Option("select_mode", str, "soft", "weight mode whose validation accuracy selects best.pt",
+           choices=("soft", "hard")),
+    Option("position_weight_decay", float, None, "weight decay on ring positions "
+           "(default: --weight-decay, as published)", check=lambda v: None if v is None or v >= 0
+           else "must be >= 0"),
+    # data
+    Option("dataset", str, "cifar10", "dataset", choices=DATASETS),
+    Option("data_dir", str, "./data", "data directory (official files, or an ImageFolder tree "
+           "with train/ and test/)"),
+    Option("download", bool, True, "download the dataset with torchvision when missing"),
+    Option("val_split", int, 0, "hold out this many class-balanced training images for model "
+           "selection (0 = published protocol: select on the test set)", check=_non_negative),
+    Option("subset", int, 0, "train on this many class-balanced training images (0 = all)",
+           check=_non_negative),
+    Option("loader", str, "memory", "'memory': dataset held on the device, augmented in batch; "
+           "'torchvision': DataLoader with per-image transforms", choices=("memory", "torchvision")),
+    Option("workers", int, 2, "DataLoader worker processes (torchvision loader)",
+           check=_non_negative),
+    # optimisation (published defaults)
+    Option("epochs", int, 200, "training epochs", check=_positive),
+    Option("batch_size", int, 128, "global batch size", check=_positive),
+    Option("lr", float, 0.1, "initial learning rate", check=_positive),
+    Option("schedule", int, [100, 150], "epochs at which the learning rate is multiplied by "
+           "--gamma", nargs="*"),
+    Option("gamma", float, 0.1, "learning-rate decay factor", check=_probability_like),
+    Option("momentum", float, 0.9, "SGD momentum", check=lambda v: None if 0 <= v < 1
+           else "must be in [0, 1)"),
+    Option("weight_decay", float, 1e-4, "L2 penalty", check=_non_negative),
+    Option("clip_grad", float, 5.0, "max gradient norm (0 disables)", check=_non_negative),
+    Option("seed", int, 42, "random seed"),
+    Option("nan_policy", str, "stop", "on a non-finite loss or gradient: stop the run, or skip "
+           "the step", choices=("stop", "skip-step")),
+    # system
+    Option("device", str, "auto", "auto, cpu or cuda (cuda:N)"),
+    Option("amp", bool, False, "bf16 autocast on CUDA"),
+    Option("channels_last", bool, False, "channels-last memory layout"),
+    Option("compile", bool, False, "torch.compile the model"),
+    Option("output_dir", str, None, "run directory (default: runs/<name>)"),
+    Option("quiet", bool, False, "no progress bars"),
+]
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+
+TASK_DEFAULTS = {
+    "cifar10": {},
+    "mnist": {"model": "lenet", "dataset": "mnist", "epochs": 10, "schedule": [5, 8],
+              "ring_size": 8},
+}
+TASK_MODELS = {"cifar10": CIFAR_MODELS, "mnist": MNIST_MODELS}
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def add_options(parser):
+    """Add one flag per option; unset flags stay absent from the namespace."""
+    for o in OPTIONS:
+        kwargs = dict(help=o.help, default=argparse.SUPPRESS)
+        if o.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=o.type, metavar=o.name.upper())
+            if o.choices:
+                kwargs.update(choices=o.choices, metavar="{" + ",".join(o.choices) + "}")
+            if o.nargs:
+                kwargs["nargs"] = o.nargs
+        parser.add_argument(_flag(o.name), **kwargs)
+
+
+def _coerce(name, value):
+    """Check a YAML value's type against the option table; return the value."""
+    o = OPTION_BY_NAME[name]
+    if value is None and o.default is None:
+        return None
+    if o.nargs:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                  for v in value):
+            raise RingqError(f"config key '{name}': expected a list of integers, got {value!r}")
+        return value
+    if o.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if o.type is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, o.type) or (o.type is int and isinstance(value, bool)):
+        raise RingqError(f"config key '{name}': expected {o.type.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path):
+    """Read a YAML config file into a dict of known, type-checked options."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RingqError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RingqError(f"cannot read config file {path}: {e}") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "syntax error"
+        raise RingqError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RingqError(f"config file {path} must hold a mapping of options, got "
+                         f"{type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in OPTION_BY_NAME:
+            raise RingqError(f"config file {path}: unknown key '{key}'")
+        out[name] = _coerce(name, value)
+    return out
+
+
+def validate(cfg, task):
+    """Raise RingqError naming the first invalid option of a resolved config dict."""
+    for o in OPTIONS:
+        value = cfg[o.name]
+        if o.choices and value not in o.choices:
+            raise RingqError(f"{o.name}: invalid value {value!r}; choose from {', '.join(o.choices)}")
+        if o.check and value is not None:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RingqError(f"{o.name}: must be a finite number, got {value}")
+            problem = o.check(value)
+            if problem:
+                raise RingqError(f"{o.name} {problem}, got {value}")
+    if cfg["model"] not in TASK_MODELS[task]:
+        raise RingqError(f"model: {cfg['model']!r} is not a {task} model; choose from "
+                         f"{', '.join(TASK_MODELS[task])}")
+    allowed = ("cifar10",) if task == "cifar10" else ("mnist", "fashion-mnist")
+    if cfg["dataset"] not in allowed:
+        raise RingqError(f"dataset: {cfg['dataset']!r} is not handled by this script; choose "
+                         f"from {', '.join(allowed)}")
+    schedule = cfg["schedule"]
+    if any(m <= 0 for m in schedule) or list(schedule) != sorted(set(schedule)):
+        raise RingqError(f"schedule: milestones must be positive and strictly increasing, got "
+                         f"{schedule}")
+    if schedule and schedule[-1] > cfg["epochs"]:
+        raise RingqError(f"schedule: milestone {schedule[-1]} is beyond --epochs "
+                         f"{cfg['epochs']}")
+    if cfg["ste_epochs"] > cfg["epochs"]:
+        raise RingqError(f"ste_epochs: {cfg['ste_epochs']} is more than --epochs {cfg['epochs']}")
+    if cfg["select_mode"] == "hard" and cfg["quantization"] == "none":
+        raise RingqError("select_mode: 'hard' needs a ring model (quantization: ring)")
+    if not (cfg["device"] == "auto" or cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
+        raise RingqError(f"device: unknown device {cfg['device']!r}; use auto, cpu or cuda")
+
+
+def run_name(cfg):
+    """Default run directory name, e.g. resnet20_ring4 or lenet_fp32."""
+    if cfg["quantization"] == "none":
+        return f"{cfg['model']}_fp32"
+    name = f"{cfg['model']}_ring{cfg['ring_size']}"
+    if cfg["ring_layout"] != "published":
+        name += f"_{cfg['ring_layout']}"
+    return name
+
+
+def resolve(args, task):
+    """Merge task defaults, ``--config`` YAML and explicit flags into a validated dict."""
+    cfg = {o.name: o.default for o in OPTIONS}
+    cfg.update(TASK_DEFAULTS[task])
+    given = vars(args)
+    if given.get("config"):
+        cfg.update(load_yaml(given["config"]))
+    cfg.update({k: v for k, v in given.items() if k in OPTION_BY_NAME})
+    validate(cfg, task)
+    if cfg["output_dir"] is None:
+        cfg["output_dir"] = str(Path("runs") / run_name(cfg))
+    return cfg
+
+
+def model_config(cfg, num_classes=10, in_channels=None, image_size=None):
+    """The subset of a run config that :func:`models.build_model` reads."""
+    keys = ("model", "quantization", "ring_size", "ring_type", "ring_layout", "interpolation",
+            "sigma")
+    out = {k: cfg[k] for k in keys}
+    out["num_classes"] = num_classes
+    if in_channels is not None:
+        out["in_channels"] = in_channels
+    if image_size is not None:
+        out["image_size"] = image_size
+    return out
+
+
+def save_yaml(cfg, path):
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def command_line():
+    return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])

@@ -1,0 +1,197 @@
+"""Training and evaluation loops."""
+import contextlib
+import math
+import signal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.utils import clamp_positions, ring_layers, set_sigma, set_weight_mode
+
+from .distributed import all_reduce_sum, broadcast_flag, unwrap
+from .errors import RingqError
+
+
+class NonFiniteError(RingqError):
+    """A non-finite loss or gradient under ``--nan-policy stop``."""
+
+    exit_code = 3
+
+
+class Interrupted(RingqError):
+    """SIGINT or SIGTERM arrived; the run stops at the end of the current step."""
+
+    exit_code = 130
+
+
+class StopSignals:
+    """Context manager that turns SIGINT/SIGTERM into a flag checked between steps."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def autocast(device, enabled):
+    """bf16 autocast context on CUDA when ``enabled``; a no-op otherwise."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sigma_at(cfg, base_sigma, epoch):
+    """Kernel width for 1-based ``epoch``: geometric anneal base -> sigma_final, else base."""
+    final = cfg.get("sigma_final")
+    if final is None or cfg["epochs"] == 1:
+        return base_sigma if final is None else final
+    t = (epoch - 1) / (cfg["epochs"] - 1)
+    return base_sigma * (final / base_sigma) ** t
+
+
+def train_mode_at(cfg, epoch):
+    """``ste`` during the last ``ste_epochs`` epochs, else ``soft``."""
+    return "ste" if epoch > cfg["epochs"] - cfg["ste_epochs"] else "soft"
+
+
+def apply_epoch_schedule(model, cfg, base_sigma, epoch):
+    """Set sigma and the training weight mode of every ring layer for ``epoch``."""
+    if ring_layers(model):
+        set_sigma(model, sigma_at(cfg, base_sigma, epoch))
+        set_weight_mode(model, train_mode_at(cfg, epoch))
+
+
+def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, progress=True):
+    """One pass over ``loader``; returns {"loss", "accuracy", "skipped_steps"} (global).
+
+    After each step positions are clamped to [0, 1]. A non-finite loss or
+    gradient norm stops the run (NonFiniteError) or skips the step, per
+    ``cfg["nan_policy"]``; the check agrees across processes.
+    """
+    model.train()
+    plain = unwrap(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg["clip_grad"] if cfg["clip_grad"] > 0 else math.inf
+    loss_sum = correct = count = skipped = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar, 1):
+        if cfg["channels_last"] and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg["amp"]):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
+        bad = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if broadcast_flag(bad, device):
+            if cfg["nan_policy"] == "stop":
+                raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch}, step {step} "
+                                     f"(loss {loss.item():.4g}); stopping")
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            clamp_positions(plain)
+            n = y.numel()
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(1) == y).sum().item()
+            count += n
+            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.2f}")
+        if stop is not None and stop.received:
+            raise Interrupted(f"{stop.received} received during epoch {epoch}, step {step}")
+    loss_sum, correct, count, skipped = all_reduce_sum([loss_sum, correct, count, skipped], device)
+    return {"loss": loss_sum / max(count, 1), "accuracy": 100.0 * correct / max(count, 1),
+            "skipped_steps": int(skipped)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, mode=None, amp=False, progress=False, desc="eval"):
+    """Mean loss and accuracy (percent) of ``model`` over ``loader``.
+
+    mode: ``soft``, ``hard`` or None (FP32 model / keep the current mode).
+    Ring weights are computed once for the pass (cached while positions stay
+    unchanged). Results are summed over processes.
+    """
+    plain = unwrap(model)
+    previous = [layer.quantizer.mode for _, layer in ring_layers(plain)]
+    if mode is not None and previous:
+        set_weight_mode(plain, mode)
+    model.eval()
+    loss_sum = correct = count = 0
+    try:
+        for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            if y.numel() == 0:
+                continue
+            with autocast(device, amp):
+                logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += y.numel()
+    finally:
+        for (_, layer), m in zip(ring_layers(plain), previous):
+            layer.quantizer.mode = m
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], device)
+    return {"loss": loss_sum / max(count, 1), "accuracy": 100.0 * correct / max(count, 1),
+            "num_examples": int(count)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, loader, num_images, mode="hard"):
+    """Re-estimate BatchNorm running statistics from ``num_images`` unlabelled images.
+
+    Weights are put in ``mode`` (hard: what a k-bit network computes); running
+    statistics are reset and re-accumulated as an exact average over the
+    batches seen. Labels are ignored. Returns the number of images used.
+    """
+    plain = unwrap(model)
+    norms = [m for m in plain.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    previous = [layer.quantizer.mode for _, layer in ring_layers(plain)]
+    set_weight_mode(plain, mode)
+    plain.train()
+    seen = 0
+    try:
+        for x, _ in loader:
+            if seen >= num_images:
+                break
+            x = x[: num_images - seen]
+            plain(x)
+            seen += x.shape[0]
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        for (_, layer), m in zip(ring_layers(plain), previous):
+            layer.quantizer.mode = m
+        plain.eval()
+    return seen
+
+
+def eval_modes(model):
+    """Weight modes in which a model is reported: soft and hard for ring models, else fp32."""
+    return ("soft", "hard") if ring_layers(unwrap(model)) else ("fp32",)
+
+
+def evaluate_all_modes(model, loader, device, amp=False, progress=False):
+    """{mode: evaluate(...)} for every mode of :func:`eval_modes`."""
+    return {mode: evaluate(model, loader, device, None if mode == "fp32" else mode, amp,
+                           progress, desc=f"eval {mode}")
+            for mode in eval_modes(model)}

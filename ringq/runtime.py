@@ -1,0 +1,51 @@
+"""Process-level helpers shared by the CLI scripts: devices, seeds, error exits."""
+import platform
+import random
+import sys
+
+import numpy as np
+import torch
+
+from .errors import RingqError
+
+EXIT_USAGE = 2
+
+
+def resolve_device(name):
+    """torch.device for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; RingqError otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RingqError(f"device {name!r} requested but CUDA is not available")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise RingqError(f"unknown device {name!r}") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RingqError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices")
+        return device
+    raise RingqError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def library_versions():
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__}
+
+
+def run_cli(main, argv=None):
+    """Call ``main(argv)``; a RingqError becomes one stderr line and exit status 2."""
+    try:
+        return main(argv)
+    except RingqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", EXIT_USAGE))
