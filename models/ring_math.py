@@ -54,9 +54,16 @@ def default_sigma(ring_size):
     return max(0.5, ring_size / 32.0)
 
 
-def distinct_values(ring):
-    """Sorted distinct values of a ring (1-D tensor)."""
-    return torch.unique(ring.detach().cpu())
+def distinct_values(ring, tol=1e-6):
+    """Sorted distinct values of a ring (1-D tensor); values closer than ``tol`` count once.
+
+    The tolerance absorbs float rounding: a float32 ``linspace`` ring can hold
+    1/3 twice with different last bits, which is still one weight value.
+    """
+    values = torch.sort(ring.detach().cpu().double()).values
+    keep = torch.ones_like(values, dtype=torch.bool)
+    keep[1:] = values[1:] - values[:-1] > tol
+    return values[keep].float()
 
 
 def effective_bits(ring):

@@ -90,6 +90,7 @@ def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, pro
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False,
                dynamic_ncols=True)
     for step, (x, y) in enumerate(bar, 1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg["channels_last"] and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg["amp"]):
@@ -138,6 +139,7 @@ def evaluate(model, loader, device, mode=None, amp=False, progress=False, desc="
         for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             if y.numel() == 0:
                 continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = model(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -160,6 +162,7 @@ def recalibrate_batchnorm(model, loader, num_images, mode="hard"):
     batches seen. Labels are ignored. Returns the number of images used.
     """
     plain = unwrap(model)
+    device = next(plain.parameters()).device
     norms = [m for m in plain.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -173,7 +176,7 @@ def recalibrate_batchnorm(model, loader, num_images, mode="hard"):
         for x, _ in loader:
             if seen >= num_images:
                 break
-            x = x[: num_images - seen]
+            x = x[: num_images - seen].to(device, non_blocking=True)
             plain(x)
             seen += x.shape[0]
     finally:

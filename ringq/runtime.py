@@ -38,8 +38,8 @@ def seed_everything(seed):
 
 def library_versions():
     import torchvision
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__}
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "numpy": str(np.__version__)}
 
 
 def run_cli(main, argv=None):
