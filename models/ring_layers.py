@@ -6,7 +6,7 @@ how positions become weights. The layers own the learnable ``positions`` and the
 so the authors' state dicts load as they are.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,7 @@ class RingQuantizer:
     interpolation: str = "gaussian"
     sigma: float = None
     mode: str = "soft"
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.sigma is None:
@@ -52,12 +53,22 @@ class RingQuantizer:
     def ring(self):
         return ring_math.ring_values(self.ring_size, self.ring_type, self.layout)
 
-    def weights(self, positions, ring):
+    def table(self, ring):
+        """The interpolation table of ``ring`` at the current sigma, shared by equal rings."""
+        key = (tuple(ring.tolist()), self.sigma, self.interpolation, ring.dtype, ring.device)
+        if key not in self._tables:
+            if len(self._tables) >= 8:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[key] = ring_math.interpolation_table(ring, self.sigma, self.interpolation)
+        return self._tables[key]
+
+    def weights(self, positions, ring, table=None):
         """Weight values for ``positions`` (same shape) in the current mode."""
         if self.mode == "hard":
             return ring_math.snap_to_ring(positions, ring.to(positions.device))
         return ring_math.soft_values(positions, ring, self.sigma, self.interpolation,
-                                     hard_forward=self.mode == "ste")
+                                     hard_forward=self.mode == "ste",
+                                     table=table or self.table(ring))
 
     def cache_key(self):
         return (self.mode, self.sigma, self.interpolation)
@@ -73,6 +84,8 @@ class _RingLayer(nn.Module):
         self.positions = nn.Parameter(torch.rand(num_weights_shape))
         self._cached = None
         self._cache_key = None
+        self._table = None
+        self._table_key = None
 
     @property
     def ring_size(self):
@@ -85,15 +98,27 @@ class _RingLayer(nn.Module):
         ``torch.no_grad``) they are cached until positions, ring or mode change.
         """
         if torch.is_grad_enabled() and self.positions.requires_grad:
-            return self.quantizer.weights(self.positions, self.ring_template)
+            return self.quantizer.weights(self.positions, self.ring_template, self._ring_table())
         key = (self.positions._version, self.positions.data_ptr(), self.positions.device,
                self.ring_template._version, self.ring_template.data_ptr(),
                self.quantizer.cache_key())
         if key != self._cache_key:
             with torch.no_grad():
-                self._cached = self.quantizer.weights(self.positions, self.ring_template)
+                self._cached = self.quantizer.weights(self.positions, self.ring_template,
+                                                      self._ring_table())
             self._cache_key = key
         return self._cached
+
+    def _ring_table(self):
+        """Interpolation table for this layer's ring buffer, looked up only when it changes."""
+        if self.quantizer.mode == "hard":
+            return None
+        ring = self.ring_template
+        key = (ring.data_ptr(), ring._version, ring.dtype, self.quantizer.sigma,
+               self.quantizer.interpolation)
+        if key != self._table_key:
+            self._table, self._table_key = self.quantizer.table(ring), key
+        return self._table
 
     def hard_indices(self):
         """Ring index of every weight, int64, shape of ``positions``."""

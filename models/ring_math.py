@@ -6,6 +6,7 @@ ring indices. Every function here works on flat or shaped tensors and returns a
 tensor of the positions' shape unless said otherwise.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,8 @@ RING_TYPES = ("triangle", "sin")
 RING_LAYOUTS = ("published", "distinct")
 INTERPOLATIONS = ("gaussian", "linear")
 
-# Positions handled per step inside the memory-lean interpolation: the N-wide
-# temporaries of one chunk stay at a few MB whatever the layer size.
+# Positions handled per step inside the memory-lean interpolation, so that its
+# temporaries stay at a few MB whatever the layer size.
 _CHUNK = 1 << 18
 
 
@@ -102,82 +103,146 @@ def reference_soft_values(positions, ring, sigma, interpolation="gaussian"):
     return kernel @ ring
 
 
-def _gaussian_chunk(q, ring, sigma):
-    """Kernel terms for one chunk of scaled positions q [c]: (values, dvalues/dq)."""
+def _gaussian_terms(q, ring, sigma, branch_q=None):
+    """Gaussian-kernel value and d value / dq at scaled positions ``q`` [m].
+
+    The circular distance to ring index i is |q - i| or N - |q - i|. With
+    ``branch_q`` (a point strictly inside the same table cell) that choice and
+    its sign are taken at ``branch_q``, giving the one-sided limit at a cell
+    end; without it they are taken at ``q`` itself, and an exact tie
+    contributes zero slope, as autograd does for the reference formula.
+    """
     n = ring.numel()
-    diff = q.unsqueeze(-1) - torch.arange(n, device=q.device, dtype=q.dtype)
-    absdiff = diff.abs()
-    wrapped = n - absdiff
-    circular = torch.minimum(absdiff, wrapped)
+    index = torch.arange(n, dtype=q.dtype)
+    diff = q.unsqueeze(-1) - index
+    if branch_q is None:
+        absdiff = diff.abs()
+        wrapped = n - absdiff
+        circular = torch.minimum(absdiff, wrapped)
+        direction = torch.sign(diff) * torch.sign(wrapped - absdiff)
+    else:
+        bdiff = branch_q.unsqueeze(-1) - index
+        side = torch.sign(bdiff)
+        direct = bdiff.abs() < n - bdiff.abs()
+        circular = torch.where(direct, side * diff, n - side * diff)
+        direction = torch.where(direct, side, -side)
     kernel = torch.softmax(-0.5 * (circular / sigma) ** 2, dim=-1)
     values = kernel @ ring
-    # d(circular)/dq: +-1 on the short way round, 0 at an exact tie (as autograd does).
-    direction = torch.sign(diff) * torch.sign(wrapped - absdiff)
-    dlogit = -(circular / (sigma * sigma)) * direction
-    kernel_dlogit = kernel * dlogit
-    dvalues = kernel_dlogit @ ring - values * kernel_dlogit.sum(-1)
-    return values, dvalues
+    kernel_dlogit = kernel * (-(circular / (sigma * sigma)) * direction)
+    return values, kernel_dlogit @ ring - values * kernel_dlogit.sum(-1)
 
 
-def _linear_chunk(q, ring):
-    """Linear interpolation between the two circular neighbours: (values, dvalues/dq)."""
+def _cells_per_index(ring_size):
+    """Table cells per ring step: fine enough for 1e-6 agreement at the published sigma."""
+    return max(512, min(16384, (1 << 18) // ring_size))
+
+
+class InterpolationTable(NamedTuple):
+    """Soft value v(q) of one ring and sigma, tabulated on a periodic grid.
+
+    The grid has ``cells`` = k*N cells of width 1/k in q = p*N, so every
+    integer and half-integer q (where the circular distance has kinks) is a
+    node. values [cells+1]: v at nodes; slope_right / slope_left [cells]:
+    dv/dq at the left / right end of each cell, one-sided; slope_node
+    [cells+1]: dv/dq exactly at nodes. Inside a cell both v and dv/dq are
+    interpolated linearly.
+    """
+    values: torch.Tensor
+    slope_right: torch.Tensor
+    slope_left: torch.Tensor
+    slope_node: torch.Tensor
+    cells_per_index: int
+    ring_size: int
+
+
+def interpolation_table(ring, sigma, interpolation="gaussian", cells_per_index=None):
+    """Build the :class:`InterpolationTable` for ``ring`` (1-D) and ``sigma``.
+
+    Computed in float64 on the CPU, returned in the ring's dtype and device.
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; choose from {INTERPOLATIONS}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
     n = ring.numel()
-    lower = torch.floor(q)
-    frac = q - lower
-    i0 = torch.remainder(lower, n).long()
-    r0 = ring[i0]
-    r1 = ring[torch.remainder(i0 + 1, n)]
-    return r0 + frac * (r1 - r0), r1 - r0
+    k = cells_per_index or _cells_per_index(n)
+    ring64 = ring.detach().double().cpu()
+    nodes = torch.arange(k * n + 1, dtype=torch.float64) / k
+    if interpolation == "gaussian":
+        mids = (nodes[:-1] + nodes[1:]) / 2
+        values, slope_node = _gaussian_terms(nodes, ring64, sigma)
+        _, slope_right = _gaussian_terms(nodes[:-1], ring64, sigma, branch_q=mids)
+        _, slope_left = _gaussian_terms(nodes[1:], ring64, sigma, branch_q=mids)
+    else:
+        lower = torch.div(torch.arange(k * n + 1), k, rounding_mode="floor") % n
+        step = ring64[(lower + 1) % n] - ring64[lower]
+        values = ring64[lower] + (nodes - torch.floor(nodes)) * step
+        slope_node = step
+        slope_right = slope_left = step[:-1]
+    dtype, device = ring.dtype, ring.device
+    return InterpolationTable(*(t.to(device=device, dtype=dtype).contiguous()
+                                for t in (values, slope_right, slope_left, slope_node)), k, n)
 
 
-def _chunked(positions, ring, sigma, interpolation, want_grad):
-    """Apply the interpolation chunk by chunk; returns values or d values / d positions."""
-    n = ring.numel()
+def _lookup(table, positions, slope):
+    """Table read-out for flat ``positions``: values, or d values / d positions."""
+    k, n = table.cells_per_index, table.ring_size
+    cells = k * n
+    x = torch.remainder(positions * n, n) * k
+    cell = torch.floor(x).clamp_(0, cells - 1)
+    t = x - cell
+    cell = cell.long()
+    if not slope:
+        lo = table.values[cell]
+        return lo + t * (table.values[cell + 1] - lo)
+    right = table.slope_right[cell]
+    inside = right + t * (table.slope_left[cell] - right)
+    return torch.where(t == 0, table.slope_node[cell], inside) * n
+
+
+def _chunked(table, positions, slope):
+    """Apply :func:`_lookup` chunk by chunk so temporaries stay a few MB."""
     flat = positions.reshape(-1)
     out = torch.empty_like(flat)
-    with torch.autocast(device_type=flat.device.type, enabled=False):
-        for start in range(0, flat.numel(), _CHUNK):
-            q = flat[start:start + _CHUNK] * n
-            if interpolation == "gaussian":
-                values, dvalues = _gaussian_chunk(q, ring, sigma)
-            else:
-                values, dvalues = _linear_chunk(q, ring)
-            out[start:start + _CHUNK] = dvalues * n if want_grad else values
+    for start in range(0, flat.numel(), _CHUNK):
+        out[start:start + _CHUNK] = _lookup(table, flat[start:start + _CHUNK], slope)
     return out.view_as(positions)
 
 
 class _SoftValues(torch.autograd.Function):
     """Soft (or straight-through hard) ring values with O(n) extra memory.
 
-    Saves only the positions; backward recomputes the kernel chunk by chunk.
+    Saves only the positions; backward reads the slope table chunk by chunk.
     """
 
     @staticmethod
-    def forward(ctx, positions, ring, sigma, interpolation, hard_forward):
-        ctx.save_for_backward(positions, ring)
-        ctx.sigma, ctx.interpolation = sigma, interpolation
+    def forward(ctx, positions, ring, table, hard_forward):
+        ctx.save_for_backward(positions)
+        ctx.table = table
         if hard_forward:
             return snap_to_ring(positions, ring)
-        return _chunked(positions, ring, sigma, interpolation, want_grad=False)
+        return _chunked(table, positions, slope=False)
 
     @staticmethod
     def backward(ctx, grad_output):
-        positions, ring = ctx.saved_tensors
-        slope = _chunked(positions, ring, ctx.sigma, ctx.interpolation, want_grad=True)
-        return grad_output * slope, None, None, None, None
+        (positions,) = ctx.saved_tensors
+        return grad_output * _chunked(ctx.table, positions, slope=True), None, None, None
 
 
-def soft_values(positions, ring, sigma, interpolation="gaussian", hard_forward=False):
-    """Ring values for ``positions`` (any shape, float32), differentiable in positions.
+def soft_values(positions, ring, sigma, interpolation="gaussian", hard_forward=False, table=None):
+    """Ring values for ``positions`` (any shape), differentiable in positions.
 
-    Equal to :func:`reference_soft_values` in value and gradient, but the
-    backward keeps no [n, N] tensor: extra memory is O(n). With
-    ``hard_forward`` the forward returns :func:`snap_to_ring` values while the
-    gradient is still the soft kernel's (a straight-through estimator).
+    Equal to :func:`reference_soft_values` in value and gradient (to about
+    1e-7 at the published sigma), but reads a precomputed
+    :func:`interpolation_table` (pass ``table`` to reuse one) instead of
+    building [n, N] tensors: extra memory is O(n) and the cost a few
+    operations per weight. With ``hard_forward`` the forward returns
+    :func:`snap_to_ring` values while the gradient is still the soft
+    kernel's (a straight-through estimator). Runs in the positions' dtype,
+    outside autocast.
     """
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {interpolation!r}; choose from {INTERPOLATIONS}")
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
     ring = ring.to(device=positions.device, dtype=positions.dtype)
-    return _SoftValues.apply(positions, ring, float(sigma), interpolation, bool(hard_forward))
+    if table is None:
+        table = interpolation_table(ring, sigma, interpolation)
+    with torch.autocast(device_type=positions.device.type, enabled=False):
+        return _SoftValues.apply(positions, ring, table, bool(hard_forward))
