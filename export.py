@@ -1,0 +1,91 @@
+"""Pack a ring-quantized checkpoint into a compact file that loads without pickle.
+
+    python export.py --checkpoint best.pt --output resnet20_ring4.rqp [--half] [--json sizes.json]
+
+Each ring weight is stored as a bit-packed index into its layer's table of
+distinct ring values; other tensors are stored raw (float16 with --half).
+Load the result with ``ringq.packing.load_packed``.
+"""
+import argparse
+import json
+import sys
+from collections import Counter
+
+from models.utils import is_ring_model
+from ringq.checkpoint import load_model_from_checkpoint
+from ringq.errors import CheckpointError, RingqError
+from ringq.packing import export_packed, size_report
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="source checkpoint of a ring model")
+    parser.add_argument("--output", required=True, help="packed file to write")
+    parser.add_argument("--half", action="store_true",
+                        help="store non-ring tensors (BatchNorm, classifier) as float16")
+    parser.add_argument("--json", help="also write the size report to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="print nothing on success")
+    return parser
+
+
+def _json_scalars(meta):
+    """The entries of ``meta`` that JSON stores as they are (str, int, float, bool, None)."""
+    return {k: v for k, v in (meta or {}).items()
+            if isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
+def pack_checkpoint(args):
+    """Pack ``args.checkpoint`` into ``args.output``; returns the size report (dict)."""
+    model, config, meta = load_model_from_checkpoint(args.checkpoint)
+    if not is_ring_model(model):
+        raise CheckpointError(f"nothing to pack: {args.checkpoint} has no ring layers")
+    extra = {**_json_scalars(meta), "source_checkpoint": str(args.checkpoint)}
+    try:
+        export_packed(model, config, args.output, half=args.half, extra=extra)
+    except OSError as e:
+        raise RingqError(f"cannot write {args.output}: {e.strerror or e}") from None
+    return {"checkpoint": str(args.checkpoint), "output": str(args.output),
+            **size_report(model, args.output)}
+
+
+def format_report(report):
+    """Short human-readable summary of a size report."""
+    by_bits = Counter(report["bits_per_layer"].values())
+    bits = ", ".join(f"{n} layer{'s' * (n > 1)} at {b} bit{'s' * (b > 1)}"
+                     for b, n in sorted(by_bits.items()))
+    return "\n".join([
+        f"packed {report['output']}" + (" (float16 raw tensors)" if report["half"] else ""),
+        f"  file bytes:            {report['file_bytes']:,}",
+        f"  FP32 state-dict bytes: {report['fp32_state_dict_bytes']:,}",
+        f"  overall ratio:         {report['ratio']:.2f}x",
+        f"  quantized layers:      {report['quantized_layers_ratio']:.2f}x "
+        f"({report['quantized_weights']:,} weights)",
+        f"  bits per layer:        {bits}",
+    ])
+
+
+def _write_json(path, report):
+    try:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    except OSError as e:
+        raise RingqError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        report = pack_checkpoint(args)
+        if args.json:
+            _write_json(args.json, report)
+    except RingqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""Packed model files: ring weights as bit-packed level indices, no pickle.
+
+File layout (integers little-endian)::
+
+    8 bytes  magic b"RINGQPK1"
+    4 bytes  uint32 length H of the compressed header
+    H bytes  zlib-compressed UTF-8 JSON header
+    rest     payload: the tensor blobs at the header's offsets
+
+The header holds the format version, the model ``config`` (``build_model``'s
+keys), the rings (float32 values written as JSON numbers, which round-trip
+float32 bit-exactly), one record per tensor and the sha256 of the payload.
+
+A ring layer's *level table* is the distinct values (bit patterns) of its
+ring, sorted; each weight is stored as the index of its hard value in that
+table, ``bits = max(1, ceil(log2(levels)))`` per weight. ``ring_indices[k]`` is
+one ring index holding level k; loading sets each position to
+``ring_index / N`` so the hard weights are exactly those of the source.
+Positions themselves are not stored. Every other state-dict tensor is stored
+raw: float32 (float16 with ``half=True``), int64 as int64.
+
+Loading reads JSON, zlib and raw numbers only; nothing in a file is executed.
+"""
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+import zlib
+
+import numpy as np
+import torch
+
+from models import build_model
+from models.ring_math import hard_indices
+from models.utils import ring_layers, set_weight_mode
+
+from .errors import CheckpointError
+
+MAGIC = b"RINGQPK1"
+FORMAT = "ringq-packed"
+FORMAT_VERSION = 1
+MAX_BITS = 8
+
+_PREFIX = struct.Struct("<8sI")
+_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8")}
+_MAX_HEADER_BYTES = 64 << 20
+_HEADER_FIELDS = (("config", dict), ("half", bool), ("rings", list), ("tensors", list),
+                  ("payload_bytes", int), ("payload_sha256", str), ("extra", dict))
+_RECORD_FIELDS = (("kind", str), ("dtype", str), ("shape", list), ("offset", int), ("nbytes", int))
+_PACKED_FIELDS = (("bits", int), ("count", int), ("levels", list), ("ring_indices", list),
+                  ("ring", int))
+
+
+class _FormatError(Exception):
+    """Why a packed file is unusable; the public functions prefix the path."""
+
+
+def _expect(condition, reason):
+    if not condition:
+        raise _FormatError(reason)
+
+
+# --- bit packing --------------------------------------------------------------
+
+def _check_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an int in 1..{MAX_BITS}, got {bits!r}")
+
+
+def packed_nbytes(count, bits):
+    """Bytes that ``count`` values of ``bits`` bits take once packed."""
+    return (count * bits + 7) // 8
+
+
+def pack_bits(indices, bits):
+    """Pack integers in [0, 2**bits) into ``ceil(count*bits/8)`` bytes.
+
+    indices: 1-D integer tensor or array [count]. Bit order is little-endian:
+    value k fills stream bits [k*bits, (k+1)*bits), lowest bit first, and stream
+    bit j is bit j % 8 of byte j // 8; unused high bits of the last byte are 0.
+    """
+    _check_bits(bits)
+    values = np.asarray(indices.detach().cpu() if torch.is_tensor(indices) else indices)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"indices must be a 1-D integer array, got shape {values.shape} "
+                         f"and dtype {values.dtype}")
+    if values.size and (values.min() < 0 or values.max() >= 1 << bits):
+        raise ValueError(f"indices must lie in [0, {1 << bits}) for {bits} bits, "
+                         f"got [{values.min()}, {values.max()}]")
+    per_value = np.unpackbits(values.astype(np.uint8)[:, None], axis=1, count=bits,
+                              bitorder="little")
+    return np.packbits(per_value.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(data, bits, count):
+    """Inverse of :func:`pack_bits`: int64 tensor [count] from ``data`` (bytes-like)."""
+    _check_bits(bits)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    expected = packed_nbytes(count, bits)
+    if len(data) != expected:
+        raise ValueError(f"{count} values of {bits} bits take {expected} bytes, got {len(data)}")
+    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits,
+                           bitorder="little")
+    values = np.packbits(stream.reshape(count, bits), axis=1, bitorder="little")
+    return torch.from_numpy(values.reshape(count).astype(np.int64))
+
+
+# --- export --------------------------------------------------------------------
+
+def _key(layer_name, attr):
+    return f"{layer_name}.{attr}" if layer_name else attr
+
+
+def level_table(ring):
+    """Level table of a ring [N] (any float tensor, read as float32).
+
+    Returns (levels float32 [L]: distinct bit patterns sorted by value,
+    ring_indices int64 [L]: first ring index holding each level,
+    level_of int64 [N]: level index of each ring index).
+    """
+    values = ring.detach().cpu().to(torch.float32).numpy()
+    _, first, inverse = np.unique(values.view(np.uint32), return_index=True,
+                                  return_inverse=True)
+    order = np.argsort(values[first], kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return values[first[order]], first[order].astype(np.int64), rank[inverse.reshape(-1)]
+
+
+def _pack_layer(name, layer, ring_id):
+    """Header record (offset not set yet) and packed bytes of one ring layer."""
+    levels, ring_indices, level_of = level_table(layer.ring_template)
+    if levels.size > 1 << MAX_BITS:
+        raise ValueError(f"{name}: {levels.size} distinct ring values, "
+                         f"at most {1 << MAX_BITS} can be packed")
+    bits = max(1, (levels.size - 1).bit_length())
+    indices = level_of[layer.hard_indices().cpu().numpy().reshape(-1)]
+    record = {"name": name, "kind": "packed", "dtype": "float32",
+              "shape": list(layer.positions.shape), "count": int(indices.size), "bits": bits,
+              "levels": levels.tolist(), "ring_indices": ring_indices.tolist(), "ring": ring_id}
+    return record, pack_bits(indices, bits)
+
+
+def _raw_tensor_bytes(key, tensor, half):
+    """(header dtype, little-endian bytes) of one non-ring tensor."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.int64:
+        return "int64", tensor.numpy().astype(_DTYPES["int64"]).tobytes()
+    if not tensor.is_floating_point():
+        raise ValueError(f"{key}: cannot store dtype {tensor.dtype}")
+    dtype = "float16" if half else "float32"
+    values = tensor.float().numpy()
+    with np.errstate(over="ignore"):
+        stored = values.astype(_DTYPES[dtype])
+    if np.any(np.isinf(stored) & np.isfinite(values)):
+        raise ValueError(f"{key}: values exceed the float16 range; export without half")
+    return dtype, stored.tobytes()
+
+
+def _check_config(model, config):
+    """Raise ValueError unless ``build_model(config)`` has the model's state-dict layout."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
+        built = build_model(config)
+    expected = {k: tuple(t.shape) for k, t in built.state_dict().items()}
+    actual = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    if expected != actual:
+        raise ValueError("config does not describe the model: state-dict names or shapes differ")
+
+
+def _entries(model, half):
+    """(rings, [(record, blob)]) for every ring layer, then every other tensor."""
+    rings, ring_ids, entries, ring_keys = [], {}, [], set()
+    for name, layer in ring_layers(model):
+        ring = layer.ring_template.detach().cpu().to(torch.float32)
+        if not torch.isfinite(ring).all():
+            raise ValueError(f"{name}: ring holds non-finite values")
+        ring_id = ring_ids.setdefault(ring.numpy().tobytes(), len(rings))  # bit-exact match
+        if ring_id == len(rings):
+            rings.append(ring.tolist())
+        entries.append(_pack_layer(name, layer, ring_id))
+        ring_keys.update({_key(name, "positions"), _key(name, "ring_template")})
+    for key, tensor in model.state_dict().items():
+        if key not in ring_keys:
+            dtype, blob = _raw_tensor_bytes(key, tensor, half)
+            entries.append(({"name": key, "kind": "raw", "dtype": dtype,
+                             "shape": list(tensor.shape)}, blob))
+    return rings, entries
+
+
+def _umask():
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path, chunks):
+    """Write byte ``chunks`` to ``path`` via a temp file in its directory, fsync, os.replace."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def export_packed(model, config, path, half=False, extra=None):
+    """Write ``model`` as a packed file at ``path`` (atomically); returns stats.
+
+    config: the dict ``build_model`` rebuilds the model from (JSON-serialisable);
+    half: store non-ring float tensors as float16; extra: JSON-serialisable dict
+    returned by :func:`load_packed`. Stats: file/header/payload/packed/raw
+    bytes, quantized_weights, bits_per_layer {layer: bits}, half.
+    """
+    if not ring_layers(model):
+        raise ValueError("nothing to pack: the model has no ring layers")
+    _check_config(model, config)
+    rings, entries = _entries(model, half)
+    offset = 0
+    for record, blob in entries:
+        record.update(offset=offset, nbytes=len(blob))
+        offset += len(blob)
+    payload = b"".join(blob for _, blob in entries)
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "config": dict(config),
+              "half": bool(half), "rings": rings, "tensors": [r for r, _ in entries],
+              "payload_bytes": len(payload),
+              "payload_sha256": hashlib.sha256(payload).hexdigest(), "extra": dict(extra or {})}
+    header_blob = zlib.compress(
+        json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8"), 9)
+    prefix = _PREFIX.pack(MAGIC, len(header_blob))
+    _atomic_write(path, (prefix, header_blob, payload))
+    packed = [r for r, _ in entries if r["kind"] == "packed"]
+    return {"file_bytes": len(prefix) + len(header_blob) + len(payload),
+            "header_bytes": len(prefix) + len(header_blob), "payload_bytes": len(payload),
+            "packed_bytes": sum(r["nbytes"] for r in packed),
+            "raw_bytes": len(payload) - sum(r["nbytes"] for r in packed),
+            "quantized_weights": sum(r["count"] for r in packed),
+            "bits_per_layer": {r["name"]: r["bits"] for r in packed}, "half": bool(half)}
+
+
+# --- reading -------------------------------------------------------------------
+
+def is_packed_file(path):
+    """True when ``path`` starts with the packed-file magic (reads 8 bytes only)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def _decode_header(blob):
+    """Header dict from its zlib-compressed JSON bytes."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(blob, _MAX_HEADER_BYTES)
+        complete = inflater.eof and not inflater.unconsumed_tail and not inflater.unused_data
+        header = json.loads(text.decode("utf-8")) if complete else None
+    except (zlib.error, ValueError, RecursionError) as e:
+        raise _FormatError(f"corrupt header ({type(e).__name__}: {e})") from None
+    _expect(complete, "corrupt header (incomplete, oversized or trailing zlib data)")
+    _expect(isinstance(header, dict), "corrupt header (not a JSON object)")
+    _expect(header.get("format") == FORMAT, "header is not a ringq packed header")
+    _expect(header.get("version") == FORMAT_VERSION,
+            f"unsupported format version {header.get('version')!r} (expected {FORMAT_VERSION})")
+    for field, kind in _HEADER_FIELDS:
+        _expect(isinstance(header.get(field), kind), f"header field {field!r} missing or not a "
+                f"{kind.__name__}")
+    return header
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(record, fields, name):
+    for field, kind in fields:
+        ok = _is_int(record.get(field)) if kind is int else isinstance(record.get(field), kind)
+        _expect(ok, f"{name}: field {field!r} missing or not a {kind.__name__}")
+
+
+def _check_record(record, payload_bytes):
+    """Format-level checks of one tensor record: fields, shape, byte range, sizes."""
+    _expect(isinstance(record, dict) and isinstance(record.get("name"), str),
+            "tensor record without a name")
+    name = record["name"]
+    _check_fields(record, _RECORD_FIELDS, name)
+    _expect(all(_is_int(d) and d >= 0 for d in record["shape"]), f"{name}: bad shape")
+    offset, nbytes = record["offset"], record["nbytes"]
+    _expect(0 <= offset and 0 <= nbytes and offset + nbytes <= payload_bytes,
+            f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the "
+            f"{payload_bytes}-byte payload")
+    numel = math.prod(record["shape"])
+    if record["kind"] == "raw":
+        _expect(record["dtype"] in _DTYPES, f"{name}: unknown dtype {record['dtype']!r}")
+        size = numel * _DTYPES[record["dtype"]].itemsize
+    else:
+        _expect(record["kind"] == "packed", f"{name}: unknown kind {record['kind']!r}")
+        _check_fields(record, _PACKED_FIELDS, name)
+        _expect(record["dtype"] == "float32", f"{name}: packed levels must be float32")
+        _expect(1 <= record["bits"] <= MAX_BITS, f"{name}: bits {record['bits']} not in "
+                f"1..{MAX_BITS}")
+        _expect(record["count"] == numel, f"{name}: count {record['count']} does not match "
+                f"shape {record['shape']}")
+        size = packed_nbytes(numel, record["bits"])
+    _expect(nbytes == size, f"{name}: {nbytes} bytes stored, {size} expected")
+
+
+def _read_packed(path):
+    """(header, payload memoryview) of a packed file, format-checked; raises _FormatError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise _FormatError(f"cannot read ({e.strerror or e})") from None
+    _expect(data, "empty file")
+    _expect(len(data) >= _PREFIX.size, "truncated (shorter than the file prefix)")
+    magic, header_bytes = _PREFIX.unpack_from(data)
+    _expect(magic == MAGIC, "not a ringq packed file (bad magic)")
+    end = _PREFIX.size + header_bytes
+    _expect(end <= len(data), "truncated (header runs past the end of the file)")
+    header = _decode_header(data[_PREFIX.size:end])
+    payload = memoryview(data)[end:]
+    _expect(len(payload) == header["payload_bytes"],
+            f"payload is {len(payload)} bytes, header says {header['payload_bytes']} (truncated?)")
+    _expect(hashlib.sha256(payload).hexdigest() == header["payload_sha256"],
+            "payload sha256 mismatch (corrupted file)")
+    for record in header["tensors"]:
+        _check_record(record, len(payload))
+    return header, payload
+
+
+def _float32_values(values, what):
+    """float32 array [n] from a JSON list, which must hold exact finite float32 numbers."""
+    _expect(isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values),
+        f"{what} is not a list of numbers")
+    wide = np.array(values, dtype=np.float64)
+    single = wide.astype(np.float32)
+    _expect(np.isfinite(wide).all() and np.array_equal(single.astype(np.float64), wide),
+            f"{what} holds values that are not finite float32 numbers")
+    return single
+
+
+def _raw_tensor(record, payload):
+    """Tensor [shape] (stored dtype) of a raw record."""
+    dtype = _DTYPES[record["dtype"]]
+    values = np.frombuffer(payload, dtype=dtype, count=math.prod(record["shape"]),
+                           offset=record["offset"])
+    return torch.from_numpy(values.astype(dtype.newbyteorder("="))).reshape(record["shape"])
+
+
+def _positions(record, payload, ring):
+    """Positions float32 [shape] whose hard indices select each weight's stored level."""
+    name, n = record["name"], ring.size
+    levels = _float32_values(record["levels"], f"{name}: levels")
+    ring_indices = record["ring_indices"]
+    _expect(1 <= levels.size <= 1 << record["bits"], f"{name}: {levels.size} levels do not fit "
+            f"{record['bits']} bits")
+    _expect(len(ring_indices) == levels.size and all(
+        _is_int(i) and 0 <= i < n for i in ring_indices),
+        f"{name}: ring_indices must be {levels.size} ints in [0, {n})")
+    _expect(np.array_equal(ring[ring_indices].view(np.uint32), levels.view(np.uint32)),
+            f"{name}: levels differ from the ring values at ring_indices")
+    table = np.array(ring_indices, dtype=np.float32) / np.float32(n)
+    _expect(hard_indices(torch.from_numpy(table), n).tolist() == ring_indices,
+            f"{name}: ring indices cannot be represented as positions for ring size {n}")
+    start = record["offset"]
+    level_indices = unpack_bits(payload[start:start + record["nbytes"]], record["bits"],
+                                record["count"]).numpy()
+    _expect(level_indices.size == 0 or level_indices.max() < levels.size,
+            f"{name}: level index out of range")
+    return torch.from_numpy(table[level_indices].reshape(record["shape"]))
+
+
+def _state_dict(header, payload, model):
+    """State dict for ``model`` from a format-checked header and payload."""
+    expected = model.state_dict()
+    layers = dict(ring_layers(model))
+    ring_keys = {_key(name, attr) for name in layers for attr in ("positions", "ring_template")}
+    rings = [_float32_values(r, f"ring {i}") for i, r in enumerate(header["rings"])]
+    state = {}
+    for record in header["tensors"]:
+        name = record["name"]
+        if record["kind"] == "raw":
+            _expect(name in expected and name not in ring_keys,
+                    f"unexpected raw tensor {name!r} for this model")
+            tensors = {name: _raw_tensor(record, payload)}
+        else:
+            _expect(name in layers, f"{name!r} is not a ring layer of this model")
+            _expect(0 <= record["ring"] < len(rings), f"{name}: ring {record['ring']} not stored")
+            ring = rings[record["ring"]]
+            tensors = {_key(name, "positions"): _positions(record, payload, ring),
+                       _key(name, "ring_template"): torch.from_numpy(ring.copy())}
+        _expect(not tensors.keys() & state.keys(), f"{name}: stored twice")
+        state.update(tensors)
+    missing = sorted(expected.keys() - state.keys())
+    _expect(not missing, f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    for key, tensor in state.items():
+        _expect(tensor.shape == expected[key].shape, f"{key}: stored shape {list(tensor.shape)} "
+                f"does not match the model's {list(expected[key].shape)}")
+    return state
+
+
+def _build(config):
+    try:
+        return build_model(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise _FormatError(f"config cannot build a model ({type(e).__name__}: {e})") from None
+
+
+def load_packed(path, map_location="cpu"):
+    """Load a packed file: (model in hard + eval mode, config, extra).
+
+    The model is ``build_model(config)`` with the stored rings and tensors and
+    positions ``ring_index / N``, so its hard weights equal the source's bit
+    for bit. Any unreadable, corrupt or mismatched file raises
+    :class:`CheckpointError` ``"<path>: <reason>"``.
+    """
+    try:
+        header, payload = _read_packed(path)
+        model = _build(header["config"])
+        model.load_state_dict(_state_dict(header, payload, model))
+    except _FormatError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    set_weight_mode(model, "hard")
+    model.eval()
+    return model.to(map_location), header["config"], header["extra"]
+
+
+def size_report(model, packed_path):
+    """Sizes of ``model`` and its packed file at ``packed_path`` (dict).
+
+    fp32_state_dict_bytes: the state dict of the same network held as an
+    ordinary FP32 one, sum of numel * 4 over its entries, counting one float32
+    per ring weight (positions) and no ring buffer. ratio =
+    fp32_state_dict_bytes / file_bytes; quantized_layers_ratio = 32 *
+    quantized_weights / sum over ring layers of bits * count (padding excluded).
+    """
+    try:
+        header, _ = _read_packed(packed_path)
+    except _FormatError as e:
+        raise CheckpointError(f"{packed_path}: {e}") from None
+    packed = [r for r in header["tensors"] if r["kind"] == "packed"]
+    layers = ring_layers(model)
+    if [(r["name"], r["count"]) for r in packed] != [(n, m.positions.numel()) for n, m in layers]:
+        raise CheckpointError(f"{packed_path}: packed ring layers do not match the model")
+    skip = {_key(name, "ring_template") for name, _ in layers}
+    fp32_bytes = 4 * sum(t.numel() for k, t in model.state_dict().items() if k not in skip)
+    file_bytes = os.path.getsize(packed_path)
+    weights = sum(r["count"] for r in packed)
+    bits = sum(r["bits"] * r["count"] for r in packed)
+    return {"file_bytes": file_bytes, "fp32_state_dict_bytes": fp32_bytes,
+            "ratio": fp32_bytes / file_bytes, "quantized_weights": weights,
+            "quantized_bits": bits, "quantized_layers_ratio": 32 * weights / bits,
+            "bits_per_layer": {r["name"]: r["bits"] for r in packed},
+            "levels_per_layer": {r["name"]: r["levels"] for r in packed},
+            "half": header["half"]}

@@ -1,0 +1,460 @@
+"""Bit packing, the packed file format and export.py."""
+import json
+import pickle
+import struct
+import sys
+import types
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from models import build_model
+from models.ring_math import hard_indices, ring_values, snap_to_ring
+from models.utils import ring_layers, set_weight_mode
+from ringq.errors import CheckpointError
+from ringq.packing import (export_packed, is_packed_file, level_table, load_packed, pack_bits,
+                           size_report, unpack_bits)
+
+RESNET_RING4 = dict(model="resnet20", quantization="ring", ring_size=4, ring_layout="distinct")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny forward passes: one thread keeps them fast on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- bit packing --------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [0, 1, 7, 13, 1001])
+def test_pack_round_trip(bits, count):
+    rng = np.random.default_rng(bits * 10_000 + count)
+    indices = torch.from_numpy(rng.integers(0, 1 << bits, count))
+    data = pack_bits(indices, bits)
+    assert len(data) == (count * bits + 7) // 8
+    assert torch.equal(unpack_bits(data, bits, count), indices)
+    assert pack_bits(indices.to(torch.uint8), bits) == data
+
+
+def test_pack_bit_order_is_little_endian():
+    assert pack_bits(torch.tensor([1, 0, 1]), 1) == bytes([0b101])
+    assert pack_bits(torch.tensor([3, 1, 2]), 2) == bytes([0b100111])
+    assert pack_bits(torch.tensor([0xA, 0x5, 0xF]), 4) == bytes([0x5A, 0x0F])
+    assert pack_bits(torch.tensor([0b101, 0b011, 0b110]), 3) == bytes([0b10011101, 0b1])
+
+
+@pytest.mark.parametrize("indices, bits", [
+    (torch.tensor([0, 4]), 2),              # out of range
+    (torch.tensor([-1, 0]), 2),             # negative
+    (torch.tensor([[0, 1]]), 1),            # not 1-D
+    (torch.tensor([0.0, 1.0]), 1),          # not integer
+    (torch.tensor([0, 1]), 0),              # bits too small
+    (torch.tensor([0, 1]), 9),              # bits too large
+    (torch.tensor([0, 1]), True),           # not an int
+])
+def test_pack_rejects_bad_input(indices, bits):
+    with pytest.raises(ValueError):
+        pack_bits(indices, bits)
+
+
+@pytest.mark.parametrize("data, bits, count", [
+    (b"\x00", 2, 5),        # too short
+    (b"\x00\x00", 2, 4),    # too long
+    (b"", 9, 0),            # bad bits
+    (b"", 1, -1),           # bad count
+])
+def test_unpack_rejects_bad_input(data, bits, count):
+    with pytest.raises(ValueError):
+        unpack_bits(data, bits, count)
+
+
+# --- level tables and positions -------------------------------------------------
+
+def test_level_table_of_published_ring4():
+    levels, ring_indices, level_of = level_table(ring_values(4))
+    assert levels.tolist() == [-1.0, np.float32(1 / 3)]
+    assert ring_indices.tolist() == [0, 1]
+    assert level_of.tolist() == [0, 1, 1, 0]
+
+
+def test_level_table_separates_bit_patterns():
+    ring = torch.tensor([0.0, -0.0, 1.0, np.nextafter(np.float32(1), np.float32(2))])
+    levels, _, level_of = level_table(ring)
+    assert len(levels) == 4 and sorted(level_of.tolist()) == [0, 1, 2, 3]
+
+
+def test_index_positions_round_back():
+    for n in range(2, 257):
+        index = torch.arange(n)
+        assert torch.equal(hard_indices(index.to(torch.float32) / n, n), index), n
+
+
+# --- model round trips -----------------------------------------------------------
+
+def _random_model(config, seed=0):
+    """A ring model in hard + eval mode with random positions (some outside [0, 1]) and BN stats."""
+    torch.manual_seed(seed)
+    model = build_model(config)
+    with torch.no_grad():
+        for _, layer in ring_layers(model):
+            layer.positions.uniform_(-0.2, 1.2)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+                m.num_batches_tracked.fill_(123)
+    set_weight_mode(model, "hard")
+    return model.eval()
+
+
+def _batch(config):
+    if config["model"].startswith("resnet"):
+        return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+def _bits(tensor):
+    return tensor.detach().view(torch.int32)
+
+
+def _logits(model, config):
+    with torch.no_grad():
+        return model(_batch(config))
+
+
+@pytest.fixture(scope="module")
+def resnet_ring4(tmp_path_factory):
+    """(source model, packed path, export stats) for ResNet-20 ring-4 distinct."""
+    model = _random_model(RESNET_RING4)
+    path = tmp_path_factory.mktemp("packed") / "resnet20_ring4.rqp"
+    stats = export_packed(model, RESNET_RING4, path, extra={"best_accuracy": 91.5})
+    return model, path, stats
+
+
+@pytest.mark.parametrize("config, bits", [
+    (dict(RESNET_RING4), 2),
+    (dict(model="resnet20", quantization="ring", ring_size=4), 1),
+    (dict(model="resnet20", quantization="ring", ring_size=8), 2),
+    (dict(model="lenet", quantization="ring", ring_size=8, ring_layout="distinct"), 3),
+    (dict(model="mlp", quantization="ring", ring_size=16, ring_type="sin",
+          ring_layout="distinct", num_classes=7), 4),
+    (dict(model="mlp", quantization="ring", ring_size=256, ring_layout="distinct"), 8),
+])
+def test_round_trip_is_exact_in_hard_mode(tmp_path, config, bits):
+    model = _random_model(config)
+    path = tmp_path / "model.rqp"
+    stats = export_packed(model, config, path, extra={"epoch": 3})
+    loaded, loaded_config, extra = load_packed(path)
+    assert loaded_config == config and extra == {"epoch": 3}
+    assert not loaded.training
+    assert all(layer.quantizer.mode == "hard" for _, layer in ring_layers(loaded))
+    assert set(stats["bits_per_layer"].values()) == {bits}
+    assert torch.equal(_logits(loaded, config), _logits(model, config))
+    for (_, a), (_, b) in zip(ring_layers(model), ring_layers(loaded)):
+        assert torch.equal(a.ring_template, b.ring_template)
+        assert torch.equal(_bits(snap_to_ring(a.positions, a.ring_template)),
+                           _bits(snap_to_ring(b.positions, b.ring_template)))
+        assert b.positions.shape == a.positions.shape
+
+
+def test_per_layer_rings_kept_bit_exact(tmp_path):
+    config = dict(model="mlp", quantization="ring", ring_size=4, ring_layout="distinct")
+    model = _random_model(config)
+    (_, first), (_, second) = ring_layers(model)
+    first.ring_template.copy_(torch.tensor([-0.0, 0.5, 1.0, -1.0]))
+    second.ring_template.copy_(torch.tensor([0.0, 0.5, 1.0, -1.0]))
+    export_packed(model, config, tmp_path / "m.rqp")
+    loaded, _, _ = load_packed(tmp_path / "m.rqp")
+    for (_, a), (_, b) in zip(ring_layers(model), ring_layers(loaded)):
+        assert torch.equal(_bits(a.ring_template), _bits(b.ring_template))
+    assert torch.equal(_logits(loaded, config), _logits(model, config))
+
+
+def test_half_stores_float16(tmp_path, resnet_ring4):
+    model, full_path, _ = resnet_ring4
+    path = tmp_path / "half.rqp"
+    stats = export_packed(model, RESNET_RING4, path, half=True)
+    loaded, _, _ = load_packed(path)
+    assert size_report(model, path)["half"] is True
+    assert stats["file_bytes"] < full_path.stat().st_size
+    expected = _random_model(RESNET_RING4)
+    ring_keys = {k for k in expected.state_dict() if k.endswith(("positions", "ring_template"))}
+    with torch.no_grad():
+        for key, tensor in expected.state_dict().items():
+            if tensor.is_floating_point() and key not in ring_keys:
+                tensor.copy_(tensor.half().float())
+    assert torch.equal(_logits(loaded, RESNET_RING4), _logits(expected, RESNET_RING4))
+
+
+def test_half_refuses_values_beyond_float16(tmp_path):
+    model = _random_model(RESNET_RING4)
+    model.bn1.running_var[0] = 1e6
+    with pytest.raises(ValueError, match="float16"):
+        export_packed(model, RESNET_RING4, tmp_path / "x.rqp", half=True)
+
+
+def test_size_report_resnet20_ring4(resnet_ring4):
+    model, path, stats = resnet_ring4
+    report = size_report(model, path)
+    assert report["file_bytes"] == stats["file_bytes"] == path.stat().st_size <= 90_000
+    assert report["quantized_layers_ratio"] == 16
+    assert report["quantized_weights"] == sum(m.positions.numel() for _, m in ring_layers(model))
+    fp32 = build_model(dict(RESNET_RING4, quantization="none"))
+    assert report["fp32_state_dict_bytes"] == 4 * sum(t.numel() for t in fp32.state_dict().values())
+    assert report["ratio"] == report["fp32_state_dict_bytes"] / report["file_bytes"]
+    assert set(report["bits_per_layer"].values()) == {2}
+    assert all(len(levels) == 4 for levels in report["levels_per_layer"].values())
+
+
+def test_size_report_refuses_other_model(resnet_ring4):
+    _, path, _ = resnet_ring4
+    with pytest.raises(CheckpointError, match="do not match"):
+        size_report(_random_model(dict(RESNET_RING4, model="resnet32")), path)
+
+
+def test_export_refuses_fp32_model_and_wrong_config(tmp_path):
+    with pytest.raises(ValueError, match="nothing to pack"):
+        export_packed(build_model(dict(model="mlp", quantization="none")),
+                      dict(model="mlp", quantization="none"), tmp_path / "x.rqp")
+    with pytest.raises(ValueError, match="config"):
+        export_packed(_random_model(RESNET_RING4), dict(RESNET_RING4, ring_size=8),
+                      tmp_path / "x.rqp")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_replaces_atomically(tmp_path, resnet_ring4):
+    model, _, _ = resnet_ring4
+    path = tmp_path / "model.rqp"
+    path.write_bytes(b"old")
+    export_packed(model, RESNET_RING4, path)
+    assert is_packed_file(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.rqp"]
+
+
+def test_export_leaves_random_stream_alone(tmp_path, resnet_ring4):
+    state = torch.get_rng_state()
+    export_packed(resnet_ring4[0], RESNET_RING4, tmp_path / "m.rqp")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_is_packed_file(tmp_path, resnet_ring4):
+    assert is_packed_file(resnet_ring4[1])
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"PK\x03\x04 not packed")
+    assert not is_packed_file(other)
+    assert not is_packed_file(tmp_path / "missing.rqp")
+
+
+def test_loader_never_unpickles(monkeypatch, resnet_ring4):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the packed loader must not unpickle")
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model, _, _ = load_packed(resnet_ring4[1])
+    assert torch.equal(_logits(model, RESNET_RING4), _logits(resnet_ring4[0], RESNET_RING4))
+
+
+# --- malformed files -------------------------------------------------------------
+
+def _split(data):
+    """(header dict, payload bytes) of packed file bytes, read independently of the loader."""
+    (length,) = struct.unpack_from("<I", data, 8)
+    return json.loads(zlib.decompress(data[12:12 + length])), data[12 + length:]
+
+
+def _join(header_bytes, payload):
+    blob = zlib.compress(header_bytes)
+    return b"RINGQPK1" + struct.pack("<I", len(blob)) + blob + payload
+
+
+def _with_header(data, edit):
+    """Packed bytes whose header is ``edit(header)``'s result (or the header edited in place)."""
+    header, payload = _split(data)
+    header = edit(header) or header
+    return _join(json.dumps(header).encode(), payload)
+
+
+def _record(header, name):
+    return next(r for r in header["tensors"] if r["name"] == name)
+
+
+def _set(record, **fields):
+    record.update(fields)
+
+
+def _flip_payload_byte(data):
+    out = bytearray(data)
+    out[-5] ^= 0x10
+    return bytes(out)
+
+
+CORRUPTIONS = {
+    "empty": (lambda d: b"", "empty file"),
+    "wrong magic": (lambda d: b"RINGQPK2" + d[8:], "bad magic"),
+    "torch zip": (lambda d: b"PK\x03\x04" + d[4:], "bad magic"),
+    "prefix only": (lambda d: d[:10], "truncated"),
+    "truncated header": (lambda d: d[:40], "truncated"),
+    "truncated payload": (lambda d: d[:len(d) // 2], "truncated"),
+    "bad zlib": (lambda d: d[:14] + bytes([d[14] ^ 0xFF]) + d[15:], "corrupt header"),
+    "bad json": (lambda d: _join(b'{"format": "ringq-packed", "vers', _split(d)[1]),
+                 "corrupt header"),
+    "header not a dict": (lambda d: _join(b"[1, 2]", _split(d)[1]), "not a JSON object"),
+    "flipped payload byte": (_flip_payload_byte, "sha256"),
+    "future version": (lambda d: _with_header(d, lambda h: _set(h, version=2)), "version"),
+    "no sha": (lambda d: _with_header(d, lambda h: h.pop("payload_sha256") and None),
+               "payload_sha256"),
+    "offset out of range": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "bn1.weight"), offset=10 ** 9)), "outside"),
+    "negative offset": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "bn1.weight"), offset=-4)), "outside"),
+    "nbytes mismatch": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "bn1.weight"), nbytes=4)), "expected"),
+    "unknown dtype": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "bn1.weight"), dtype="object")), "unknown dtype"),
+    "unknown kind": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "bn1.weight"), kind="pickle")), "unknown kind"),
+    "shape mismatch": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "bn1.weight"), shape=[4, 4])), "does not match"),
+    "config mismatch": (lambda d: _with_header(
+        d, lambda h: _set(h["config"], model="resnet32")), "missing tensors"),
+    "ring size mismatch": (lambda d: _with_header(
+        d, lambda h: _set(h["config"], ring_size=8)), "does not match"),
+    "bad config": (lambda d: _with_header(
+        d, lambda h: _set(h["config"], model="vgg")), "config cannot build"),
+    "missing tensor": (lambda d: _with_header(
+        d, lambda h: _set(h, tensors=h["tensors"][:-1])), "missing tensors"),
+    "duplicate tensor": (lambda d: _with_header(
+        d, lambda h: _set(h, tensors=h["tensors"] + h["tensors"][-1:])), "stored twice"),
+    "raw positions": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "bn1.weight"), name="conv1.positions")),
+        "unexpected raw tensor"),
+    "not a ring layer": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "conv1"), name="bn1")), "not a ring layer"),
+    "level index out of range": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "conv1"), levels=[-0.75], ring_indices=[0])),
+        "level index out of range"),
+    "level not on ring": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "conv1"), ring_indices=[1, 0, 2, 3])), "levels differ"),
+    "level not float32": (lambda d: _with_header(
+        d, lambda h: _record(h, "conv1")["levels"].__setitem__(0, 0.1)), "float32"),
+    "too many bits": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "conv1"), bits=9)), "bits"),
+    "missing ring": (lambda d: _with_header(
+        d, lambda h: _set(_record(h, "conv1"), ring=5)), "not stored"),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_malformed_files_are_refused(tmp_path, resnet_ring4, corruption):
+    make, reason = CORRUPTIONS[corruption]
+    path = tmp_path / "bad.rqp"
+    path.write_bytes(make(resnet_ring4[1].read_bytes()))
+    with pytest.raises(CheckpointError, match=reason) as info:
+        load_packed(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_packed(tmp_path / "missing.rqp")
+
+
+def test_unedited_rewrite_still_loads(tmp_path, resnet_ring4):
+    """The corruption helpers themselves produce loadable files when they change nothing."""
+    path = tmp_path / "same.rqp"
+    path.write_bytes(_with_header(resnet_ring4[1].read_bytes(), lambda h: None))
+    load_packed(path)
+
+
+# --- export.py --------------------------------------------------------------------
+
+@pytest.fixture
+def export_cli(monkeypatch):
+    """The export module with a settable stand-in for load_model_from_checkpoint."""
+    try:
+        import ringq.checkpoint  # noqa: F401  (the real loader, when it exists)
+    except ImportError:
+        stub = types.ModuleType("ringq.checkpoint")
+        stub.load_model_from_checkpoint = None
+        monkeypatch.setitem(sys.modules, "ringq.checkpoint", stub)
+    import export
+    return export
+
+
+def _use_model(monkeypatch, export, model, config):
+    def load(path, map_location="cpu"):
+        return model, config, {"best_accuracy": 90.1, "epoch": 7, "history": [1, 2]}
+    monkeypatch.setattr(export, "load_model_from_checkpoint", load)
+
+
+def test_cli_exports_and_reports(monkeypatch, tmp_path, capsys, export_cli, resnet_ring4):
+    model = resnet_ring4[0]
+    _use_model(monkeypatch, export_cli, model, RESNET_RING4)
+    out, report = tmp_path / "m.rqp", tmp_path / "m.json"
+    assert export_cli.main(["--checkpoint", "src.pt", "--output", str(out),
+                            "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "file bytes" in printed and "16.00x" in printed and "21 layers at 2 bits" in printed
+    numbers = json.loads(report.read_text())
+    assert numbers["file_bytes"] == out.stat().st_size
+    assert numbers["quantized_layers_ratio"] == 16
+    loaded, _, extra = load_packed(out)
+    assert extra == {"best_accuracy": 90.1, "epoch": 7, "source_checkpoint": "src.pt"}
+    assert torch.equal(_logits(loaded, RESNET_RING4), _logits(model, RESNET_RING4))
+
+
+def test_cli_half_and_quiet(monkeypatch, tmp_path, capsys, export_cli, resnet_ring4):
+    _use_model(monkeypatch, export_cli, resnet_ring4[0], RESNET_RING4)
+    out = tmp_path / "m.rqp"
+    assert export_cli.main(["--checkpoint", "src.pt", "--output", str(out), "--half",
+                            "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert out.stat().st_size < resnet_ring4[1].stat().st_size
+
+
+def test_cli_refuses_fp32_model(monkeypatch, tmp_path, capsys, export_cli):
+    config = dict(model="mlp", quantization="none")
+    _use_model(monkeypatch, export_cli, build_model(config), config)
+    assert export_cli.main(["--checkpoint", "fp32.pt", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: nothing to pack: fp32.pt has no ring layers\n"
+
+
+def test_cli_reports_user_errors_in_one_line(monkeypatch, tmp_path, capsys, export_cli,
+                                             resnet_ring4):
+    def broken(path, map_location="cpu"):
+        raise CheckpointError(f"{path}: not a checkpoint")
+    monkeypatch.setattr(export_cli, "load_model_from_checkpoint", broken)
+    assert export_cli.main(["--checkpoint", "bad.pt", "--output", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == "error: bad.pt: not a checkpoint\n"
+    _use_model(monkeypatch, export_cli, resnet_ring4[0], RESNET_RING4)
+    missing_dir = tmp_path / "no" / "x.rqp"
+    assert export_cli.main(["--checkpoint", "a.pt", "--output", str(missing_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {missing_dir}") and err.count("\n") == 1
+
+
+def test_cli_packs_upstream_checkpoint(tmp_path, capsys, upstream_dir, export_cli):
+    """With the original files and the real loader: the packed model predicts identically."""
+    from ringq.checkpoint import load_model_from_checkpoint
+    source = upstream_dir / "best_ResNet20_ring4.pth"
+    out = tmp_path / "ring4.rqp"
+    assert export_cli.main(["--checkpoint", str(source), "--output", str(out), "--quiet"]) == 0
+    model, config, _ = load_model_from_checkpoint(source)
+    set_weight_mode(model, "hard")
+    loaded, _, _ = load_packed(out)
+    assert torch.equal(_logits(loaded, config), _logits(model.eval(), config))
+    # The original ring-4 buffer holds 3 distinct float32 values (two differ in the last
+    # bit), so a bit-exact packing needs 2 bits there, not 1.
+    assert size_report(model, out)["quantized_layers_ratio"] >= 16
