@@ -59,13 +59,60 @@ def broadcast_flag(flag, device):
     return all_reduce_sum([float(flag)], device)[0] > 0
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over processes: the gradient is summed over processes too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def differentiable_all_reduce(x):
+    """Sum of ``x`` over all processes, differentiable; ``x`` itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    return _AllReduceSum.apply(x)
+
+
+def global_moments(x, dims):
+    """Per-channel (mean, biased variance, count) of ``x`` over ``dims`` and all processes.
+
+    Each process takes a two-pass ``var_mean`` of its share (float32, no
+    cancellation); the shares are merged as float64 sums of n, n*m and
+    n*(v + m^2), so the result matches one process's statistics of the global
+    batch to float32 precision, even when |mean| >> std. Differentiable; the
+    count is a float64 0-dim tensor (no host sync).
+    """
+    count = x.numel() // x.shape[1]
+    if count:
+        var, mean = torch.var_mean(x, dims, correction=0)
+        mean, var = mean.double(), var.double()
+    else:
+        var = mean = x.new_zeros(x.shape[1], dtype=torch.float64)
+    n = torch.full_like(mean, count)
+    sums = differentiable_all_reduce(torch.stack([n, n * mean, n * (var + mean * mean)]))
+    total = sums[0]
+    mean = sums[1] / total
+    var = (sums[2] / total - mean * mean).clamp(min=0)
+    return mean.float(), var.float(), total[0]
+
+
 class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose batch statistics span all processes (any backend, gloo too).
 
-    Sums and squared sums are all-reduced through a differentiable collective,
-    so a K-process run normalises exactly as one process would on the global
-    batch. Used for BatchNorm1d and BatchNorm2d alike (statistics per channel,
-    dim 1). Eval mode uses the running statistics, as plain BatchNorm does.
+    Statistics come from :func:`global_moments` through a differentiable
+    collective, so a K-process run normalises, and back-propagates, as one
+    process would on the global batch. Used for BatchNorm1d and BatchNorm2d
+    alike (statistics per channel, dim 1). Eval mode uses the running
+    statistics, as plain BatchNorm does.
     """
 
     def _check_input_dim(self, x):
@@ -75,42 +122,54 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-        dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        self._check_input_dim(x)
         xf = x.float()
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = all_reduce(stats)
-        c = x.shape[1]
-        total = stats[-1]
-        mean = stats[:c] / total
-        var = stats[c:2 * c] / total - mean * mean
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            unbiased = var * total / (total - 1)
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(unbiased, self.momentum)
-        shape = [1, c] + [1] * (x.dim() - 2)
+        mean, var, count = global_moments(xf, [0] + list(range(2, x.dim())))
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, count)
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
         out = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return (out * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, var, count):
+        """Running mean / unbiased variance, with BatchNorm's momentum (None: cumulative)."""
+        self.num_batches_tracked += 1
+        factor = self.momentum
+        if factor is None:
+            factor = 1.0 / self.num_batches_tracked.item()
+        unbiased = var * (count / (count - 1).clamp(min=1)).float()
+        self.running_mean.lerp_(mean, factor)
+        self.running_var.lerp_(unbiased, factor)
 
 
 def convert_batchnorm(module):
     """Replace every BatchNorm1d/2d of ``module`` by a :class:`GlobalBatchNorm`, in place.
 
-    State-dict keys are unchanged, so checkpoints stay interchangeable with
-    single-process runs.
+    The new layers adopt the old ones' parameter and buffer tensors themselves
+    (not copies), so an optimizer built before the conversion still updates
+    them, and state-dict keys are unchanged, so checkpoints stay
+    interchangeable with single-process runs.
     """
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum,
-                                  child.affine, child.track_running_stats)
-            new.load_state_dict(child.state_dict())
-            new.to(child.weight.device)
-            setattr(module, name, new)
+            setattr(module, name, _global_twin(child))
         else:
             convert_batchnorm(child)
     return module
+
+
+def _global_twin(bn):
+    """A GlobalBatchNorm sharing ``bn``'s settings, parameters and buffers."""
+    new = GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                          bn.track_running_stats)
+    for key, param in bn.named_parameters(recurse=False):
+        setattr(new, key, param)
+    for key, buf in bn.named_buffers(recurse=False):
+        setattr(new, key, buf)
+    return new.train(bn.training)
 
 
 def unwrap(model):
