@@ -5,6 +5,8 @@
 
 FILE may be a training checkpoint of this project, a packed k-bit file from
 export.py, or one of the original authors' files (the config is inferred).
+A training checkpoint also records its dataset and data directory, so
+``--checkpoint runs/NAME/best.pt`` alone evaluates it.
 """
 import argparse
 import json
@@ -12,23 +14,38 @@ from pathlib import Path
 
 from models import CIFAR_MODELS
 from ringq import data as data_lib
-from ringq.checkpoint import load_model_from_checkpoint
+from ringq.checkpoint import load_model_from_checkpoint, write_text_atomic
 from ringq.errors import RingqError
 from ringq.engine import evaluate, evaluate_all_modes, recalibrate_batchnorm
-from ringq.runtime import resolve_device, run_cli
-from ringq.train import report_dict
+from ringq.runtime import ArgumentParser, resolve_device, run_cli
+from ringq.train import check_data_dir, report_dict
+
+
+def int_at_least(minimum):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint to evaluate")
-    parser.add_argument("--data-dir", default="./data", help="official dataset files or an "
-                        "ImageFolder tree with test/ (and train/ for --bn-recalibrate)")
+    parser.add_argument("--data-dir", help="official dataset files or an ImageFolder tree with "
+                        "test/ (and train/ for --bn-recalibrate) (default: recorded in the "
+                        "checkpoint, else ./data)")
     parser.add_argument("--dataset", choices=data_lib.DATASETS,
                         help="dataset (default: recorded in the checkpoint, else cifar10)")
-    parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=500,
+                        help="evaluation batch size")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+    parser.add_argument("--bn-recalibrate", type=int_at_least(0), default=0, metavar="N",
                         help="re-estimate BatchNorm statistics with hard weights from N "
                              "training images (no labels) and report hard accuracy after")
     parser.add_argument("--no-download", dest="download", action="store_false",
@@ -60,16 +77,45 @@ def format_report(report, meta, checkpoint):
     return "\n".join(lines)
 
 
+def check_fits(mcfg, test, dataset, checkpoint):
+    """RingqError unless the model takes ``test``'s images and predicts all its classes."""
+    cifar = mcfg["model"] in CIFAR_MODELS
+    channels = mcfg.get("in_channels", 3 if cifar else 1)
+    size = mcfg.get("image_size", None if cifar else 28)
+    c, h, w = test.images.shape[1:]
+    if c != channels or (size is not None and (h, w) != (size, size)):
+        wanted = f"{channels}-channel" + (f" {size}x{size}" if size else "")
+        raise RingqError(f"{checkpoint} holds a {mcfg['model']} for {wanted} images, but the "
+                         f"{dataset} test split has {c}-channel {h}x{w} images")
+    classes = mcfg.get("num_classes", 10)
+    if len(test.classes) > classes:
+        raise RingqError(f"{checkpoint} holds a {classes}-class {mcfg['model']}, but the "
+                         f"{dataset} test split has {len(test.classes)} classes")
+
+
+def check_json_target(path):
+    """RingqError unless ``path`` can be created (checked before the evaluation runs)."""
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        raise RingqError(f"cannot write --json {path}: "
+                         + ("it is a directory" if path.is_dir() else
+                            f"{path.parent} is not a directory"))
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.batch_size <= 0 or args.bn_recalibrate < 0:
-        raise RingqError("--batch-size must be > 0 and --bn-recalibrate >= 0")
+    if args.json:
+        check_json_target(args.json)
     device = resolve_device(args.device)
     model, mcfg, meta = load_model_from_checkpoint(args.checkpoint)
     dataset = args.dataset or meta.get("dataset") or (
         "cifar10" if mcfg["model"] in CIFAR_MODELS else "fashion-mnist")
+    recorded_dir = meta.get("data_dir") if dataset == meta.get("dataset") else None
+    data_dir = args.data_dir or recorded_dir or "./data"
     mean, std = data_lib.NORMALIZATION[dataset]
-    test = data_lib.load_split(dataset, args.data_dir, "test", download=args.download)
+    check_data_dir(data_dir)
+    test = data_lib.load_split(dataset, data_dir, "test", download=args.download)
+    check_fits(mcfg, test, dataset, args.checkpoint)
 
     def loader(ds):
         return data_lib.make_loader("memory", ds, args.batch_size, mean=mean, std=std,
@@ -87,7 +133,7 @@ def main(argv=None):
     if args.bn_recalibrate:
         if "hard" not in results:
             raise RingqError("--bn-recalibrate needs a ring-quantized checkpoint")
-        train = data_lib.load_split(dataset, args.data_dir, "train", download=args.download)
+        train = data_lib.load_split(dataset, data_dir, "train", download=args.download)
         idx = data_lib.balanced_indices(train.labels, min(args.bn_recalibrate, len(train)), 0)
         used = recalibrate_batchnorm(model, loader(train.subset(idx)), args.bn_recalibrate)
         after = evaluate(model, test_loader, device, "hard", progress=progress)
@@ -95,7 +141,7 @@ def main(argv=None):
                                       "loss": round(after["loss"], 6)}
     print(format_report(report, meta, args.checkpoint))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
     return report
 
 

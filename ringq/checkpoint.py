@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,33 +20,84 @@ import torch
 from models import DEPTHS, build_model
 from models.ring_math import RING_LAYOUTS, RING_TYPES, ring_values
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RingqError
 
 FORMAT = "ringq"
+PICKLE_PROTO = 0x80  # first byte of a pickle stream (protocol 2+)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then rename over ``path``.
+def write_atomic(path, write):
+    """Call ``write(f)`` on a temp file beside ``path``, fsync, then rename it over ``path``.
 
-    A reader (or a crash at any moment) sees either the old file or the new one.
+    A reader, or a crash at any moment, sees either the old file or the new one; a
+    crash may leave a ``.<name>.*.tmp`` file behind (see :func:`remove_stale_temps`).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise RingqError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; run files are as public as a plain write
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise RingqError(f"cannot write {path}: {e.strerror or e}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(obj, path):
+    """torch.save ``obj`` to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(text, path):
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def remove_stale_temps(folder, names):
+    """Delete the temp files that a crash inside :func:`write_atomic` left for ``names``."""
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _check_archive(path):
+    """CheckpointError when ``path`` is a zip archive (torch's format) with a corrupt member."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError):
+        return  # not a zip (legacy format, or garbage): torch.load says what it is
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint (checksum mismatch in {bad})")
+
+
+def _refusal(path, error):
+    """The CheckpointError for a pickle that the weights-only unpickler rejected."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if found:
+        return CheckpointError(f"{path}: refused: loading it would call {found.group(1)}, "
+                               f"which could run code; it was not loaded (checkpoints must "
+                               f"hold tensors and plain data only)")
+    with open(path, "rb") as f:
+        raw_pickle = f.read(1)[0] == PICKLE_PROTO
+    if raw_pickle:
+        return CheckpointError(f"{path}: refused: a raw pickle stream, not a torch checkpoint; "
+                               f"it was not unpickled, since that could run code")
+    return CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a torch file)")
 
 
 def safe_load(path, map_location="cpu"):
@@ -58,20 +110,19 @@ def safe_load(path, map_location="cpu"):
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        _check_archive(path)
+        with warnings.catch_warnings():  # e.g. the pickle-protocol notice: not ours to print
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if "weights_only" in str(e) or "Unsupported" in str(e) \
-            else "not a valid checkpoint"
-        raise CheckpointError(
-            f"{path}: refused: the file needs arbitrary Python objects to load, which could run "
-            f"code; it was not executed ({reason[:120]})") from None
+        raise _refusal(path, e) from None
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError,
             IndexError, TypeError, AttributeError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
+        first = (str(e).splitlines() or [""])[0].split(". ")[0]
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "
-                              f"{first[:120]})") from None
+                              f"{type(e).__name__}: {first[:120]})") from None
 
 
 def _identify_ring(template):
@@ -135,8 +186,9 @@ def load_model_from_checkpoint(path, map_location="cpu"):
     meta = {}
     if ckpt.get("format") == FORMAT:
         config, state = ckpt.get("model_config"), ckpt.get("model")
-        meta.update(source="ringq", epoch=ckpt.get("epoch"),
-                    dataset=(ckpt.get("config") or {}).get("dataset"),
+        recorded = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        meta.update(source="ringq", epoch=ckpt.get("epoch"), dataset=recorded.get("dataset"),
+                    data_dir=recorded.get("data_dir"),
                     best_accuracy=(ckpt.get("best") or {}).get("accuracy"))
     else:
         state = ckpt.get("model_state_dict", ckpt)

@@ -2,13 +2,14 @@
 
 Every option has a type, a default, a help line and a check. ``argparse`` flags
 and YAML keys are generated from the same table (``--ring-size`` <->
-``ring_size``), so the two can never disagree. Precedence: task defaults <
-``--config FILE.yaml`` < command-line flags.
+``ring_size``), so the two can never disagree. Precedence: task defaults (or,
+on ``--resume``, the checkpoint's recorded config) < ``--config FILE.yaml`` <
+command-line flags.
 """
 import argparse
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -16,6 +17,7 @@ import yaml
 from models import MODELS, CIFAR_MODELS, MNIST_MODELS, QUANTIZATIONS
 from models.ring_math import INTERPOLATIONS, RING_LAYOUTS, RING_TYPES
 
+from .checkpoint import write_text_atomic
 from .errors import RingqError
 
 DATASETS = ("cifar10", "mnist", "fashion-mnist")
@@ -50,6 +52,10 @@ def _optional_positive(v):
 
 def _probability_like(v):
     return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _seed(v):
+    return None if 0 <= v < 2**32 else "must be in [0, 2**32)"
 
 
 OPTIONS = [
@@ -100,7 +106,7 @@ OPTIONS = [
            else "must be in [0, 1)"),
     Option("weight_decay", float, 1e-4, "L2 penalty", check=_non_negative),
     Option("clip_grad", float, 5.0, "max gradient norm (0 disables)", check=_non_negative),
-    Option("seed", int, 42, "random seed"),
+    Option("seed", int, 42, "random seed", check=_seed),
     Option("nan_policy", str, "stop", "on a non-finite loss or gradient: stop the run, or skip "
            "the step", choices=("stop", "skip-step")),
     # system
@@ -119,6 +125,11 @@ TASK_DEFAULTS = {
               "ring_size": 8},
 }
 TASK_MODELS = {"cifar10": CIFAR_MODELS, "mnist": MNIST_MODELS}
+# What a run trained: a resumed run must keep these (epochs, schedule, lr, ... may change).
+FIXED_ON_RESUME = ("model", "quantization", "ring_size", "ring_type", "ring_layout",
+                   "interpolation", "sigma", "dataset", "val_split", "subset", "seed",
+                   "batch_size", "loader", "momentum", "weight_decay", "position_weight_decay",
+                   "select_mode")
 
 
 def _flag(name):
@@ -140,15 +151,15 @@ def add_options(parser):
         parser.add_argument(_flag(o.name), **kwargs)
 
 
-def _coerce(name, value):
-    """Check a YAML value's type against the option table; return the value."""
+def _coerce(name, value, where):
+    """Check a value's type against the option table; return the value."""
     o = OPTION_BY_NAME[name]
     if value is None and o.default is None:
         return None
     if o.nargs:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                   for v in value):
-            raise RingqError(f"config key '{name}': expected a list of integers, got {value!r}")
+            raise RingqError(f"{where}: key '{name}': expected a list of integers, got {value!r}")
         return value
     if o.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -158,8 +169,21 @@ def _coerce(name, value):
         except ValueError:
             pass
     if not isinstance(value, o.type) or (o.type is int and isinstance(value, bool)):
-        raise RingqError(f"config key '{name}': expected {o.type.__name__}, got {value!r}")
+        raise RingqError(f"{where}: key '{name}': expected {o.type.__name__}, got {value!r}")
     return value
+
+
+def check_mapping(data, where):
+    """The options of mapping ``data`` (read from ``where``), names and types checked."""
+    if not isinstance(data, dict):
+        raise RingqError(f"{where} must hold a mapping of options, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in OPTION_BY_NAME:
+            raise RingqError(f"{where}: unknown key '{key}'")
+        out[name] = _coerce(name, value, where)
+    return out
 
 
 def load_yaml(path):
@@ -174,18 +198,20 @@ def load_yaml(path):
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "syntax error"
         raise RingqError(f"config file {path} is not valid YAML: {first}") from None
-    if data is None:
-        return {}
+    return {} if data is None else check_mapping(data, f"config file {path}")
+
+
+def recorded_config(data, where, task):
+    """A config recorded in a checkpoint: known options checked, missing ones defaulted."""
     if not isinstance(data, dict):
-        raise RingqError(f"config file {path} must hold a mapping of options, got "
-                         f"{type(data).__name__}")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in OPTION_BY_NAME:
-            raise RingqError(f"config file {path}: unknown key '{key}'")
-        out[name] = _coerce(name, value)
-    return out
+        raise RingqError(f"{where} is not a mapping")
+    cfg = {o.name: o.default for o in OPTIONS}
+    cfg.update(check_mapping({k: v for k, v in data.items() if k in OPTION_BY_NAME}, where))
+    try:
+        validate(cfg, task)
+    except RingqError as e:
+        raise RingqError(f"{where}: {e}") from None
+    return cfg
 
 
 def validate(cfg, task):
@@ -232,14 +258,19 @@ def run_name(cfg):
     return name
 
 
-def resolve(args, task):
-    """Merge task defaults, ``--config`` YAML and explicit flags into a validated dict."""
-    cfg = {o.name: o.default for o in OPTIONS}
-    cfg.update(TASK_DEFAULTS[task])
+def given_options(args):
+    """Options set by ``--config`` and by explicit flags (flags win)."""
     given = vars(args)
-    if given.get("config"):
-        cfg.update(load_yaml(given["config"]))
-    cfg.update({k: v for k, v in given.items() if k in OPTION_BY_NAME})
+    out = load_yaml(given["config"]) if given.get("config") else {}
+    out.update({k: v for k, v in given.items() if k in OPTION_BY_NAME})
+    return out
+
+
+def resolve(args, task, base=None):
+    """Merge task defaults (or ``base``), ``--config`` YAML and flags into a validated dict."""
+    cfg = {o.name: o.default for o in OPTIONS}
+    cfg.update(TASK_DEFAULTS[task] if base is None else base)
+    cfg.update(given_options(args))
     validate(cfg, task)
     if cfg["output_dir"] is None:
         cfg["output_dir"] = str(Path("runs") / run_name(cfg))
@@ -260,7 +291,8 @@ def model_config(cfg, num_classes=10, in_channels=None, image_size=None):
 
 
 def save_yaml(cfg, path):
-    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    """Write ``cfg`` as YAML, atomically."""
+    write_text_atomic(yaml.safe_dump(cfg, sort_keys=False), path)
 
 
 def command_line():

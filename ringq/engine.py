@@ -10,8 +10,9 @@ from tqdm import tqdm
 
 from models.utils import clamp_positions, ring_layers, set_sigma, set_weight_mode
 
-from .distributed import all_reduce_sum, broadcast_flag, unwrap
+from .distributed import all_reduce_sum, unwrap
 from .errors import RingqError
+from .runtime import EXIT_INTERRUPTED
 
 
 class NonFiniteError(RingqError):
@@ -23,18 +24,28 @@ class NonFiniteError(RingqError):
 class Interrupted(RingqError):
     """SIGINT or SIGTERM arrived; the run stops at the end of the current step."""
 
-    exit_code = 130
+    exit_code = EXIT_INTERRUPTED
 
 
 class StopSignals:
-    """Context manager that turns SIGINT/SIGTERM into a flag checked between steps."""
+    """Context manager that turns SIGINT/SIGTERM into a flag checked between steps.
+
+    A second signal stops at once (Interrupted raised from the handler).
+    """
 
     def __init__(self):
         self.received = None
         self._previous = {}
 
     def _handler(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received:
+            raise Interrupted(f"second signal ({name}) received; stopped at once")
+        self.received = name
+
+    def requested(self, device):
+        """True on every process once any process has received a signal."""
+        return all_reduce_sum([float(self.received is not None)], device)[0] > 0
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -52,6 +63,15 @@ def autocast(device, enabled):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def lr_at(cfg, epoch):
+    """Learning rate of 1-based ``epoch``: ``lr`` times ``gamma`` per milestone passed.
+
+    A pure function of the config (as MultiStepLR stepped once per epoch), so a
+    resumed run follows the schedule it records.
+    """
+    return cfg["lr"] * cfg["gamma"] ** sum(m < epoch for m in cfg["schedule"])
 
 
 def sigma_at(cfg, base_sigma, epoch):
@@ -75,37 +95,59 @@ def apply_epoch_schedule(model, cfg, base_sigma, epoch):
         set_weight_mode(model, train_mode_at(cfg, epoch))
 
 
+def _forward_backward(model, params, x, y, optimizer, cfg, device, max_norm):
+    """Loss and gradients of one batch: (logits, loss, finite: loss and gradient norm)."""
+    if cfg["channels_last"] and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, cfg["amp"]):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
+    return logits, loss, bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+
+
+@torch.no_grad()
+def _undo_forward(model, optimizer, buffers):
+    """Drop a skipped step's gradients and restore the buffers (BatchNorm statistics)."""
+    optimizer.zero_grad(set_to_none=True)
+    for b, saved in zip(model.buffers(), buffers):
+        b.copy_(saved)
+
+
 def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, progress=True):
     """One pass over ``loader``; returns {"loss", "accuracy", "skipped_steps"} (global).
 
     After each step positions are clamped to [0, 1]. A non-finite loss or
-    gradient norm stops the run (NonFiniteError) or skips the step, per
-    ``cfg["nan_policy"]``; the check agrees across processes.
+    gradient norm stops the run (NonFiniteError) or, under ``nan_policy``
+    skip-step, leaves weights and buffers as they were before the step. A
+    signal caught by ``stop`` raises Interrupted after the step. Both checks
+    agree across processes. Loss and accuracy are NaN if every step was skipped.
     """
     model.train()
     plain = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg["clip_grad"] if cfg["clip_grad"] > 0 else math.inf
+    skip = cfg["nan_policy"] == "skip-step"
     loss_sum = correct = count = skipped = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False,
                dynamic_ncols=True)
     for step, (x, y) in enumerate(bar, 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if cfg["channels_last"] and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg["amp"]):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
-        bad = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
-        if broadcast_flag(bad, device):
-            if cfg["nan_policy"] == "stop":
-                raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch}, step {step} "
-                                     f"(loss {loss.item():.4g}); stopping")
+        buffers = [b.clone() for b in plain.buffers()] if skip else None
+        logits, loss, finite = _forward_backward(model, params, x, y, optimizer, cfg, device,
+                                                 max_norm)
+        signalled = stop is not None and stop.received is not None
+        bad, signalled = (v > 0 for v in all_reduce_sum([float(not finite), float(signalled)],
+                                                         device))
+        if bad and not skip:
+            raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch}, step {step} "
+                                 f"(loss {loss.item():.4g}); stopped (lower --lr, or pass "
+                                 f"--nan-policy skip-step to skip such steps)")
+        if bad:
             skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+            _undo_forward(plain, optimizer, buffers)
         else:
             optimizer.step()
             clamp_positions(plain)
@@ -114,10 +156,12 @@ def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, pro
             correct += (logits.argmax(1) == y).sum().item()
             count += n
             bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.2f}")
-        if stop is not None and stop.received:
-            raise Interrupted(f"{stop.received} received during epoch {epoch}, step {step}")
+        if signalled:
+            raise Interrupted(f"{stop.received or 'a signal'} received at epoch {epoch}, "
+                              f"step {step}")
     loss_sum, correct, count, skipped = all_reduce_sum([loss_sum, correct, count, skipped], device)
-    return {"loss": loss_sum / max(count, 1), "accuracy": 100.0 * correct / max(count, 1),
+    return {"loss": loss_sum / count if count else math.nan,
+            "accuracy": 100.0 * correct / count if count else math.nan,
             "skipped_steps": int(skipped)}
 
 

@@ -1,4 +1,5 @@
 """Process-level helpers shared by the CLI scripts: devices, seeds, error exits."""
+import argparse
 import platform
 import random
 import sys
@@ -9,6 +10,14 @@ import torch
 from .errors import RingqError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error: ...`` line on stderr (exit status 2)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message}\n")
 
 
 def resolve_device(name):
@@ -43,9 +52,13 @@ def library_versions():
 
 
 def run_cli(main, argv=None):
-    """Call ``main(argv)``; a RingqError becomes one stderr line and exit status 2."""
+    """Call ``main(argv)``; a RingqError becomes one stderr line and exit status 2 (or the
+    error's ``exit_code``); Ctrl-C outside a training loop exits 130 without a traceback."""
     try:
         return main(argv)
     except RingqError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", EXIT_USAGE))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

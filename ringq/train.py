@@ -3,14 +3,21 @@
 ``main(task, argv)`` parses flags, resolves the config, checks every input
 before touching the disk, then trains with per-epoch checkpoints
 (``last.pt``, ``best.pt``), ``metrics.csv`` and a final ``final.json``.
+
+Every file is replaced atomically, and ``last.pt`` (an epoch-0 one before the
+first epoch) always holds the last completed epoch, so a run killed at any
+moment loses at most that epoch; ``--resume DIR/last.pt`` then continues it
+exactly. SIGINT/SIGTERM stop after the current step (exit 130), a non-finite
+loss stops before the epoch is saved (exit 3); both say how to resume.
+``final.json`` exists only once the run has finished.
 """
-import argparse
 import csv
 import io
 import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -19,76 +26,99 @@ from models.utils import count_parameters, ring_summary
 
 from . import config as config_lib
 from . import data as data_lib
-from .checkpoint import FORMAT, safe_load, save_atomic
+from .checkpoint import (FORMAT, load_state, remove_stale_temps, safe_load, save_atomic,
+                         write_text_atomic)
 from .distributed import cleanup, convert_batchnorm, init_distributed, unwrap
-from .engine import (StopSignals, apply_epoch_schedule, evaluate, evaluate_all_modes,
-                     sigma_at, train_mode_at, train_one_epoch)
-from .errors import CheckpointError, RingqError
-from .runtime import library_versions, resolve_device, run_cli, seed_everything
+from .engine import (Interrupted, NonFiniteError, StopSignals, apply_epoch_schedule, evaluate,
+                     evaluate_all_modes, lr_at, sigma_at, train_mode_at, train_one_epoch)
+from .errors import CheckpointError, DataError, RingqError
+from .runtime import (ArgumentParser, library_versions, resolve_device, run_cli,
+                      seed_everything)
 
 TASK_TITLES = {"cifar10": "Train a ring-quantized (or FP32) ResNet on CIFAR-10.",
                "mnist": "Train a ring-quantized (or FP32) MLP or LeNet on MNIST / Fashion-MNIST."}
+SCRIPTS = {"cifar10": "train_cifar10.py", "mnist": "train_mnist.py"}
+# time_s is wall-clock: the one column that differs between identical runs
 METRIC_FIELDS = ["epoch", "lr", "sigma", "weight_mode", "train_loss", "train_acc", "eval_split",
-                 "eval_loss", "eval_acc", "eval_hard_loss", "eval_hard_acc", "time_s"]
+                 "eval_loss", "eval_acc", "eval_hard_loss", "eval_hard_acc", "skipped_steps",
+                 "time_s"]
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.csv", "final.json")
+RESUME_KEYS = ("config", "model_config", "model", "optimizer", "epoch", "history", "best", "rng")
+
+
+class Resume(NamedTuple):
+    """The checkpoint a run continues: its path and its contents."""
+    path: Path
+    checkpoint: dict
 
 
 def get_args_parser(task):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=TASK_TITLES[task],
         epilog="Every option can also be set in a YAML file given with --config "
                "(keys as the flags, with underscores); flags override the file.")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options")
     parser.add_argument("--resume", metavar="CHECKPOINT",
-                        help="continue the run saved in CHECKPOINT (its last.pt)")
+                        help="continue the run saved in CHECKPOINT (its last.pt); its recorded "
+                             "config is the base that --config and flags override")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow writing into an existing, non-empty output directory")
+                        help="replace the run in an existing, non-empty output directory")
     config_lib.add_options(parser)
     return parser
 
 
-def _check_output_dir(path, resume):
-    """Refuse a run directory that is a file, unwritable, or holds a run we'd overwrite."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise RingqError(f"output directory {path} exists and is not a directory")
-    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise RingqError(f"output directory {path} is not writable")
-    if path.is_dir() and any(path.iterdir()) and not resume:
-        return False
-    return True
+def _own_run(out, resume):
+    """True when ``resume`` continues the run stored in ``out``."""
+    return resume is not None and resume.path.resolve().parent == out.resolve()
 
 
-def _load_resume(path, cfg_given):
-    """Read a checkpoint to resume; returns it. The config is taken from the checkpoint."""
+def _check_output_dir(out, resume, overwrite):
+    """Refuse an output directory that cannot be written or that holds another run."""
+    if out.exists() and not out.is_dir():
+        raise RingqError(f"output directory {out} exists and is not a directory")
+    ancestor = next(p for p in (out, *out.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise RingqError(f"cannot create output directory {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RingqError(f"output directory {out} is not writable")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or _own_run(out, resume)):
+        hint = f"--resume {out / 'last.pt'} to continue it, or " \
+            if (out / "last.pt").is_file() else ""
+        raise RingqError(f"output directory {out} is not empty; pass {hint}--overwrite to "
+                         f"replace the run in it")
+
+
+def _load_resume(path, task):
+    """The training checkpoint at ``path``, its recorded config checked for ``task``."""
     ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "optimizer" not in ckpt:
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
+            and all(k in ckpt for k in RESUME_KEYS)):
         raise CheckpointError(f"{path}: not a training checkpoint of this project (expected "
                               f"a last.pt or best.pt written by train_*.py)")
-    return ckpt
+    model = ckpt["config"].get("model") if isinstance(ckpt["config"], dict) else None
+    owner = next((t for t, models in config_lib.TASK_MODELS.items() if model in models), task)
+    if owner != task:
+        raise CheckpointError(f"{path}: checkpoint of a {model} run; resume it with "
+                              f"{SCRIPTS[owner]}")
+    ckpt["config"] = config_lib.recorded_config(ckpt["config"], f"{path}: recorded config", task)
+    return Resume(Path(path), ckpt)
 
 
 def _resolve(args, task):
-    """Config dict and resume checkpoint (or None), all checked before any write."""
-    resume = None
-    if getattr(args, "resume", None):
-        resume = _load_resume(args.resume, vars(args))
-        base = dict(resume["config"])
-        given = {k: v for k, v in vars(args).items() if k in config_lib.OPTION_BY_NAME}
-        if getattr(args, "config", None):
-            given = {**config_lib.load_yaml(args.config), **given}
-        for key in ("model", "quantization", "ring_size", "ring_type", "ring_layout",
-                    "interpolation", "dataset"):
-            if key in given and given[key] != base[key]:
-                raise CheckpointError(
-                    f"{args.resume}: checkpoint is a {base['model']} ({base['quantization']}, "
-                    f"ring {base['ring_size']}) run on {base['dataset']}; it cannot resume "
-                    f"{key}={given[key]!r}")
-        base.update(given)
-        base["output_dir"] = given.get("output_dir", str(Path(args.resume).parent))
-        config_lib.validate(base, task)
-        return base, resume
-    return config_lib.resolve(args, task), None
+    """Config dict and Resume (or None), all checked before any write."""
+    if not args.resume:
+        return config_lib.resolve(args, task), None
+    resume = _load_resume(args.resume, task)
+    recorded = resume.checkpoint["config"]
+    cfg = config_lib.resolve(args, task, base={**recorded,
+                                               "output_dir": str(resume.path.parent)})
+    changed = [k for k in config_lib.FIXED_ON_RESUME if cfg[k] != recorded[k]]
+    if changed:
+        raise CheckpointError(
+            f"{resume.path}: the checkpoint's {recorded['model']} run has "
+            + ", ".join(f"{k}={recorded[k]!r}" for k in changed) + "; it cannot continue with "
+            + ", ".join(f"{k}={cfg[k]!r}" for k in changed) + " (start a new run instead)")
+    return cfg, resume
 
 
 def _param_groups(model, cfg):
@@ -109,15 +139,13 @@ def _write_metrics(history, path):
     writer.writeheader()
     for row in history:
         writer.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(buf.getvalue(), path)
 
 
-def _write_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def check_data_dir(path):
+    """DataError when ``path`` exists but is not a directory (the loaders would call it missing)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise DataError(f"data directory {path} is not a directory")
 
 
 def load_datasets(cfg, dist_info, device):
@@ -127,6 +155,7 @@ def load_datasets(cfg, dist_info, device):
     the published protocol (val_split 0).
     """
     data_dir = cfg["data_dir"]
+    check_data_dir(data_dir)
     train = data_lib.load_split(cfg["dataset"], data_dir, "train", download=cfg["download"])
     test = data_lib.load_split(cfg["dataset"], data_dir, "test", download=cfg["download"])
     val = None
@@ -187,115 +216,209 @@ def _wrap(model, cfg, device, dist_info):
     return model
 
 
-def _checkpoint(model, optimizer, scheduler, cfg, mcfg, epoch, history, best):
-    return {"format": FORMAT, "version": 1, "config": cfg, "model_config": mcfg,
-            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-            "best": best, "rng": {"torch": torch.get_rng_state()}}
+def _checkpoint(run, epoch, history, best):
+    return {"format": FORMAT, "version": 2, "config": run.cfg, "model_config": run.mcfg,
+            "model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+            "epoch": epoch, "history": history, "best": best,
+            "rng": {"torch": torch.get_rng_state()}}
 
 
-def train(cfg, resume, task):
-    """Run (or continue) training for a resolved config; returns final results dict."""
+def _differences(recorded, current):
+    """``key recorded -> current`` for every key where two model configs differ."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    return ", ".join(f"{k} {recorded.get(k)!r} -> {current.get(k)!r}"
+                     for k in sorted(set(recorded) | set(current))
+                     if recorded.get(k) != current.get(k))
+
+
+def _restore(resume, model, optimizer, mcfg):
+    """Load a Resume's weights and optimizer state: (history, best, first epoch, rng state)."""
+    ckpt, path = resume.checkpoint, resume.path
+    if ckpt["model_config"] != mcfg:
+        raise CheckpointError(f"{path}: the checkpoint's model does not fit this data "
+                              f"({_differences(ckpt['model_config'], mcfg)})")
+    load_state(model, ckpt["model"], path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return (list(ckpt["history"]), dict(ckpt["best"]), int(ckpt["epoch"]) + 1,
+                ckpt["rng"]["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the training state does not fit this run "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def _prepare_output(out, cfg, resume, overwrite, history):
+    """Create ``out``, clear what a crash or a replaced run left there, write config.yaml.
+
+    Resuming the run in ``out`` removes only its final.json (the run is not
+    finished any more); ``--overwrite`` removes the files of the run it replaces.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RingqError(f"cannot create output directory {out}: {e.strerror or e}") from None
+    remove_stale_temps(out, RUN_FILES)
+    stale = ("final.json",) if _own_run(out, resume) else RUN_FILES if overwrite else ()
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    config_lib.save_yaml(cfg, out / "config.yaml")
+    if history:
+        _write_metrics(history, out / "metrics.csv")
+
+
+def _resume_hint(task, out, resume):
+    """How to continue after an interruption: the checkpoint on disk and the command."""
+    path = out / "last.pt" if (out / "last.pt").is_file() else resume.path if resume else None
+    if path is None:
+        return "no checkpoint was written yet; start the run again"
+    return f"last completed epoch saved in {path}; continue with: python {SCRIPTS[task]} " \
+        f"--resume {path}"
+
+
+def _check_stop(stop, device, when):
+    """Raise Interrupted if a signal arrived (on any process)."""
+    if stop.requested(device):
+        raise Interrupted(f"{stop.received or 'a signal'} received {when}")
+
+
+class _Run(NamedTuple):
+    """What the epoch loop works with."""
+    cfg: dict
+    mcfg: dict
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: object
+    eval_loaders: dict
+    select_split: str
+    base_sigma: float
+    summary: dict
+    device: torch.device
+    dist_info: object
+    stop: StopSignals
+
+
+def train(cfg, resume, task, overwrite=False):
+    """Run (or continue, from a Resume) training for a resolved config; returns final.json's dict.
+
+    ``overwrite`` allows replacing the run in a non-empty output directory.
+    """
     device = resolve_device(cfg["device"])
     dist_info = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank if dist_info.enabled
                               else (device.index or 0))
         torch.backends.cudnn.benchmark = True
+    out = Path(cfg["output_dir"])
     try:
-        return _train(cfg, resume, task, device, dist_info)
+        _check_output_dir(out, resume, overwrite)
+        with StopSignals() as stop:
+            return _train(cfg, resume, overwrite, out, device, dist_info, stop)
+    except (Interrupted, NonFiniteError) as e:
+        raise type(e)(f"{e}; {_resume_hint(task, out, resume)}") from None
     finally:
         cleanup()
 
 
-def _train(cfg, resume, task, device, dist_info):
-    out = Path(cfg["output_dir"])
-    if not _check_output_dir(out, resume) and not cfg.get("_overwrite"):
-        raise RingqError(f"output directory {out} already holds a run; pass --resume "
-                         f"{out / 'last.pt'} to continue it or --overwrite to replace it")
+def _setup(cfg, resume, overwrite, out, device, dist_info, stop):
+    """Load data, build (or restore) model and optimizer, prepare ``out``.
+
+    Returns (run, history, best, first epoch, torch RNG state to start from or None).
+    """
     train_set, val_set, test_set = load_datasets(cfg, dist_info, device)
     model, mcfg = _prepare_model(cfg, train_set, device, dist_info)
-    base_sigma = ring_summary(model)["sigma"] if ring_summary(model) else None
+    summary = ring_summary(model)
     optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg["lr"],
                                 momentum=cfg["momentum"])
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg["schedule"], cfg["gamma"])
-    history, best, start_epoch = [], {"epoch": 0, "accuracy": -1.0}, 1
+    history, best, start_epoch, rng = [], {"epoch": 0, "accuracy": -1.0}, 1, None
     if resume is not None:
-        if resume["model_config"] != mcfg:
-            raise CheckpointError("resume checkpoint was trained with another model or data "
-                                  f"shape: {resume['model_config']} vs {mcfg}")
-        from .checkpoint import load_state
-        load_state(model, resume["model"], "resume checkpoint")
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        history, best, start_epoch = resume["history"], resume["best"], resume["epoch"] + 1
+        history, best, start_epoch, rng = _restore(resume, model, optimizer, mcfg)
     cfg = {**cfg, "versions": library_versions()}
-    cfg.pop("_overwrite", None)
     model = _wrap(model, cfg, device, dist_info)
     train_loader, eval_loaders = make_loaders(cfg, train_set, val_set, test_set, dist_info, device)
-    select_split = "val" if val_set is not None else "test"
-    progress = not cfg["quiet"] and dist_info.is_main
-    summary = ring_summary(unwrap(model))
     if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        config_lib.save_yaml(cfg, out / "config.yaml")
+        _prepare_output(out, cfg, resume, overwrite, history)
     _log(dist_info, f"run {out}: {cfg['model']} "
          + (f"ring-{summary['ring_size']} ({summary['num_distinct_values']} distinct values, "
             f"{summary['effective_bits']:.2f} effective bits)" if summary else "FP32")
          + f", {count_parameters(unwrap(model)):,} parameters, {len(train_set)} training images, "
          f"device {device}, {dist_info.world_size} process(es)")
+    select_split = "val" if val_set is not None else "test"
     if select_split == "test":
         _log(dist_info, "model selection on the TEST split (published protocol); pass "
                         "--val-split N for an honest held-out selection")
-    if resume is None and dist_info.is_main:
-        save_atomic(_checkpoint(model, optimizer, scheduler, cfg, mcfg, 0, history, best),
-                    out / "last.pt")
-    with StopSignals() as stop:
-        for epoch in range(start_epoch, cfg["epochs"] + 1):
-            start = time.time()
-            apply_epoch_schedule(unwrap(model), cfg, base_sigma, epoch)
-            train_loader.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            stats = train_one_epoch(model, train_loader, optimizer, cfg, epoch, device, stop,
-                                    progress)
-            scheduler.step()
-            loader = eval_loaders[select_split]
-            soft = evaluate(model, loader, device, "soft" if summary else None, cfg["amp"])
-            hard = evaluate(model, loader, device, "hard", cfg["amp"]) if summary else None
-            row = {"epoch": epoch, "lr": lr,
-                   "sigma": f"{sigma_at(cfg, base_sigma, epoch):.6g}" if summary else "",
-                   "weight_mode": train_mode_at(cfg, epoch) if summary else "fp32",
-                   "train_loss": f"{stats['loss']:.6f}", "train_acc": f"{stats['accuracy']:.4f}",
-                   "eval_split": select_split, "eval_loss": f"{soft['loss']:.6f}",
-                   "eval_acc": f"{soft['accuracy']:.4f}",
-                   "eval_hard_loss": f"{hard['loss']:.6f}" if hard else "",
-                   "eval_hard_acc": f"{hard['accuracy']:.4f}" if hard else "",
-                   "time_s": f"{time.time() - start:.2f}"}
-            history.append(row)
-            score = (hard if cfg["select_mode"] == "hard" else soft)["accuracy"]
-            improved = score > best["accuracy"]
+    run = _Run(cfg, mcfg, model, optimizer, train_loader, eval_loaders, select_split,
+               summary["sigma"] if summary else None, summary, device, dist_info, stop)
+    return run, history, best, start_epoch, rng
+
+
+def _run_epoch(run, epoch):
+    """Train and evaluate one epoch: (metrics row, selection score, train stats)."""
+    cfg, summary, start = run.cfg, run.summary, time.time()
+    apply_epoch_schedule(unwrap(run.model), cfg, run.base_sigma, epoch)
+    lr = lr_at(cfg, epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.train_loader.set_epoch(epoch)
+    progress = not cfg["quiet"] and run.dist_info.is_main
+    stats = train_one_epoch(run.model, run.train_loader, run.optimizer, cfg, epoch, run.device,
+                            run.stop, progress)
+    loader = run.eval_loaders[run.select_split]
+    soft = evaluate(run.model, loader, run.device, "soft" if summary else None, cfg["amp"])
+    hard = evaluate(run.model, loader, run.device, "hard", cfg["amp"]) if summary else None
+    row = {"epoch": epoch, "lr": lr,
+           "sigma": f"{sigma_at(cfg, run.base_sigma, epoch):.6g}" if summary else "",
+           "weight_mode": train_mode_at(cfg, epoch) if summary else "fp32",
+           "train_loss": f"{stats['loss']:.6f}", "train_acc": f"{stats['accuracy']:.4f}",
+           "eval_split": run.select_split, "eval_loss": f"{soft['loss']:.6f}",
+           "eval_acc": f"{soft['accuracy']:.4f}",
+           "eval_hard_loss": f"{hard['loss']:.6f}" if hard else "",
+           "eval_hard_acc": f"{hard['accuracy']:.4f}" if hard else "",
+           "skipped_steps": stats["skipped_steps"], "time_s": f"{time.time() - start:.2f}"}
+    score = (hard if cfg["select_mode"] == "hard" else soft)["accuracy"]
+    return row, score, stats
+
+
+def _epoch_line(run, row, stats, best):
+    """The log line of one finished epoch."""
+    hard = f"soft {float(row['eval_acc']):.2f} hard {float(row['eval_hard_acc']):.2f}" \
+        if row["eval_hard_acc"] else f"acc {float(row['eval_acc']):.2f}"
+    return (f"epoch {row['epoch']}/{run.cfg['epochs']} lr {row['lr']:.4g} | train loss "
+            f"{stats['loss']:.4f} acc {stats['accuracy']:.2f} | {run.select_split} {hard} | "
+            f"best {best['accuracy']:.2f} (epoch {best['epoch']}) | {row['time_s']}s"
+            + (f" | {stats['skipped_steps']} steps skipped" if stats["skipped_steps"] else ""))
+
+
+def _train(cfg, resume, overwrite, out, device, dist_info, stop):
+    run, history, best, start_epoch, rng = _setup(cfg, resume, overwrite, out, device,
+                                                  dist_info, stop)
+    main_process = dist_info.is_main
+    if rng is not None:
+        torch.set_rng_state(rng)
+    elif main_process:
+        save_atomic(_checkpoint(run, 0, history, best), out / "last.pt")
+    _check_stop(stop, device, "before training started")
+    for epoch in range(start_epoch, run.cfg["epochs"] + 1):
+        row, score, stats = _run_epoch(run, epoch)
+        history.append(row)
+        improved = score > best["accuracy"]
+        if improved:
+            best = {"epoch": epoch, "accuracy": score,
+                    "mode": run.cfg["select_mode"] if run.summary else "fp32",
+                    "split": run.select_split}
+        if main_process:
+            ckpt = _checkpoint(run, epoch, history, best)
             if improved:
-                best = {"epoch": epoch, "accuracy": score, "mode": cfg["select_mode"] if summary
-                        else "fp32", "split": select_split}
-            if dist_info.is_main:
-                ckpt = _checkpoint(model, optimizer, scheduler, cfg, mcfg, epoch, history, best)
-                if improved:
-                    save_atomic(ckpt, out / "best.pt")
-                save_atomic(ckpt, out / "last.pt")
-                _write_metrics(history, out / "metrics.csv")
-            _log(dist_info, f"epoch {epoch}/{cfg['epochs']} lr {lr:.4g} | train loss "
-                 f"{stats['loss']:.4f} acc {stats['accuracy']:.2f} | {select_split} "
-                 + (f"soft {soft['accuracy']:.2f} hard {hard['accuracy']:.2f}" if hard
-                    else f"acc {soft['accuracy']:.2f}")
-                 + f" | best {best['accuracy']:.2f} (epoch {best['epoch']}) | "
-                 f"{time.time() - start:.1f}s"
-                 + (f" | {stats['skipped_steps']} steps skipped" if stats["skipped_steps"] else ""))
-    results = evaluate_all_modes(model, eval_loaders["test"], device, cfg["amp"])
-    final = report_dict(unwrap(model), mcfg, results, checkpoint=str(out / "last.pt"))
+                save_atomic(ckpt, out / "best.pt")
+            save_atomic(ckpt, out / "last.pt")
+            _write_metrics(history, out / "metrics.csv")
+        _log(dist_info, _epoch_line(run, row, stats, best))
+        _check_stop(stop, device, f"during epoch {epoch}; stopped once it was saved")
+    results = evaluate_all_modes(run.model, run.eval_loaders["test"], device, run.cfg["amp"])
+    _check_stop(stop, device, "during the final evaluation")
+    final = report_dict(unwrap(run.model), run.mcfg, results, checkpoint=str(out / "last.pt"))
     final["best"] = best
-    if dist_info.is_main:
-        _write_json(final, out / "final.json")
+    if main_process:
+        write_text_atomic(json.dumps(final, indent=2) + "\n", out / "final.json")
     _log(dist_info, "final test accuracy: " + ", ".join(
         f"{m} {r['accuracy']:.2f}" for m, r in results.items()) + f" -> {out / 'final.json'}")
     return final
@@ -321,7 +444,5 @@ def main(task, argv=None):
     def _main(argv):
         args = get_args_parser(task).parse_args(argv)
         cfg, resume = _resolve(args, task)
-        if args.overwrite:
-            cfg["_overwrite"] = True
-        return train(cfg, resume, task)
+        return train(cfg, resume, task, overwrite=args.overwrite)
     return run_cli(_main, argv)
