@@ -179,7 +179,7 @@ def load_model_from_checkpoint(path, map_location="cpu"):
     from .packing import is_packed_file, load_packed
     if Path(path).is_file() and is_packed_file(path):
         model, config, extra = load_packed(path, map_location=map_location)
-        return model, config, {"source": "packed", **(extra or {})}
+        return model, config, {**(extra or {}), "source": "packed"}
     ckpt = safe_load(path, map_location)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")

@@ -125,6 +125,7 @@ TASK_DEFAULTS = {
               "ring_size": 8},
 }
 TASK_MODELS = {"cifar10": CIFAR_MODELS, "mnist": MNIST_MODELS}
+TASK_DATASETS = {"cifar10": ("cifar10",), "mnist": ("mnist", "fashion-mnist")}
 # What a run trained: a resumed run must keep these (epochs, schedule, lr, ... may change).
 FIXED_ON_RESUME = ("model", "quantization", "ring_size", "ring_type", "ring_layout",
                    "interpolation", "sigma", "dataset", "val_split", "subset", "seed",
@@ -136,16 +137,26 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def add_options(parser):
-    """Add one flag per option; unset flags stay absent from the namespace."""
+def add_options(parser, task):
+    """Add one flag per option, its help showing the task's default.
+
+    Unset flags stay absent from the namespace, so a YAML file given with
+    --config can fill them.
+    """
+    defaults = {o.name: o.default for o in OPTIONS} | TASK_DEFAULTS[task]
     for o in OPTIONS:
-        kwargs = dict(help=o.help, default=argparse.SUPPRESS)
+        default = defaults[o.name]
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        kwargs = dict(help=f"{o.help} (default: {shown})", default=argparse.SUPPRESS)
         if o.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs.update(type=o.type, metavar=o.name.upper())
-            if o.choices:
-                kwargs.update(choices=o.choices, metavar="{" + ",".join(o.choices) + "}")
+            choices = TASK_MODELS[task] if o.name == "model" else o.choices
+            if o.name == "dataset":
+                choices = TASK_DATASETS[task]
+            if choices:
+                kwargs.update(choices=choices, metavar="{" + ",".join(choices) + "}")
             if o.nargs:
                 kwargs["nargs"] = o.nargs
         parser.add_argument(_flag(o.name), **kwargs)
@@ -229,7 +240,7 @@ def validate(cfg, task):
     if cfg["model"] not in TASK_MODELS[task]:
         raise RingqError(f"model: {cfg['model']!r} is not a {task} model; choose from "
                          f"{', '.join(TASK_MODELS[task])}")
-    allowed = ("cifar10",) if task == "cifar10" else ("mnist", "fashion-mnist")
+    allowed = TASK_DATASETS[task]
     if cfg["dataset"] not in allowed:
         raise RingqError(f"dataset: {cfg['dataset']!r} is not handled by this script; choose "
                          f"from {', '.join(allowed)}")

@@ -63,7 +63,7 @@ def get_args_parser(task):
                              "config is the base that --config and flags override")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run in an existing, non-empty output directory")
-    config_lib.add_options(parser)
+    config_lib.add_options(parser, task)
     return parser
 
 
