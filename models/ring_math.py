@@ -193,19 +193,27 @@ def _lookup(table, positions, slope):
     t = x - cell
     cell = cell.long()
     if not slope:
-        lo = table.values[cell]
-        return lo + t * (table.values[cell + 1] - lo)
-    right = table.slope_right[cell]
-    inside = right + t * (table.slope_left[cell] - right)
-    return torch.where(t == 0, table.slope_node[cell], inside) * n
+        lo = table.values.index_select(0, cell)
+        return lo + t * (table.values.index_select(0, cell + 1) - lo)
+    right = table.slope_right.index_select(0, cell)
+    inside = right + t * (table.slope_left.index_select(0, cell) - right)
+    return torch.where(t == 0, table.slope_node.index_select(0, cell), inside) * n
 
 
-def _chunked(table, positions, slope):
-    """Apply :func:`_lookup` chunk by chunk so temporaries stay a few MB."""
+def _chunked(table, positions, slope, scale=None):
+    """Apply :func:`_lookup` chunk by chunk so temporaries stay a few MB.
+
+    ``scale`` (positions' shape) multiplies the result inside the loop, so the
+    backward needs no full-size temporary beside its output.
+    """
     flat = positions.reshape(-1)
+    factor = None if scale is None else scale.reshape(-1)
     out = torch.empty_like(flat)
     for start in range(0, flat.numel(), _CHUNK):
-        out[start:start + _CHUNK] = _lookup(table, flat[start:start + _CHUNK], slope)
+        part = _lookup(table, flat[start:start + _CHUNK], slope)
+        if factor is not None:
+            part = part * factor[start:start + _CHUNK]
+        out[start:start + _CHUNK] = part
     return out.view_as(positions)
 
 
@@ -226,7 +234,7 @@ class _SoftValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (positions,) = ctx.saved_tensors
-        return grad_output * _chunked(ctx.table, positions, slope=True), None, None, None
+        return _chunked(ctx.table, positions, slope=True, scale=grad_output), None, None, None
 
 
 def soft_values(positions, ring, sigma, interpolation="gaussian", hard_forward=False, table=None):

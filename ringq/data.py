@@ -411,9 +411,8 @@ def crop_flip(images, dy, dx, flip):
     rows = dy[:, None] + torch.arange(h, device=dev)                            # [b, H]
     cols = torch.arange(w, device=dev).expand(b, w)
     cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)         # [b, W]
-    return padded[torch.arange(b, device=dev)[:, None, None, None],
-                  torch.arange(c, device=dev)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    index = (rows[:, :, None] * (w + 2 * PAD) + cols[:, None, :]).view(b, 1, h * w)
+    return padded.reshape(b, c, -1).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
 
 
 def normalize(images, mean, std):

@@ -95,8 +95,8 @@ def global_moments(x, dims):
     if count:
         var, mean = torch.var_mean(x, dims, correction=0)
         mean, var = mean.double(), var.double()
-    else:
-        var = mean = x.new_zeros(x.shape[1], dtype=torch.float64)
+    else:  # an empty share: zeros still tied to x, so every rank joins the backward collective
+        var = mean = x.sum(dims, dtype=torch.float64)
     n = torch.full_like(mean, count)
     sums = differentiable_all_reduce(torch.stack([n, n * mean, n * (var + mean * mean)]))
     total = sums[0]

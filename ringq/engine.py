@@ -4,6 +4,7 @@ import math
 import signal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -96,16 +97,23 @@ def apply_epoch_schedule(model, cfg, base_sigma, epoch):
 
 
 def _forward_backward(model, params, x, y, optimizer, cfg, device, max_norm):
-    """Loss and gradients of one batch: (logits, loss, finite: loss and gradient norm)."""
+    """Gradients of one batch: (logits, summed loss of this share, finite: loss and grad norm).
+
+    The loss is scaled so that, after DDP averages gradients over W processes,
+    they are those of the mean loss over the global batch, also when the
+    processes hold unequal (or empty) shares of a final partial batch.
+    """
     if cfg["channels_last"] and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, cfg["amp"]):
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    global_count = all_reduce_sum([float(y.numel())], device)[0]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss_sum * (world / global_count)).backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
-    return logits, loss, bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+    return logits, loss_sum.detach(), bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
 
 
 @torch.no_grad()
@@ -136,14 +144,14 @@ def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, pro
     for step, (x, y) in enumerate(bar, 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         buffers = [b.clone() for b in plain.buffers()] if skip else None
-        logits, loss, finite = _forward_backward(model, params, x, y, optimizer, cfg, device,
+        logits, batch_loss, finite = _forward_backward(model, params, x, y, optimizer, cfg, device,
                                                  max_norm)
         signalled = stop is not None and stop.received is not None
         bad, signalled = (v > 0 for v in all_reduce_sum([float(not finite), float(signalled)],
                                                          device))
         if bad and not skip:
             raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch}, step {step} "
-                                 f"(loss {loss.item():.4g}); stopped (lower --lr, or pass "
+                                 f"(loss {batch_loss.item() / max(y.numel(), 1):.4g}); stopped (lower --lr, or pass "
                                  f"--nan-policy skip-step to skip such steps)")
         if bad:
             skipped += 1
@@ -152,10 +160,11 @@ def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, pro
             optimizer.step()
             clamp_positions(plain)
             n = y.numel()
-            loss_sum += loss.item() * n
+            loss_sum += batch_loss.item()
             correct += (logits.argmax(1) == y).sum().item()
             count += n
-            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.2f}")
+            if count:
+                bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.2f}")
         if signalled:
             raise Interrupted(f"{stop.received or 'a signal'} received at epoch {epoch}, "
                               f"step {step}")

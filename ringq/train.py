@@ -181,8 +181,7 @@ def make_loaders(cfg, train, val, test, dist_info, device):
     common = dict(mean=mean, std=std, device=device, seed=cfg["seed"], workers=cfg["workers"],
                   rank=dist_info.rank, world_size=dist_info.world_size)
     train_loader = data_lib.make_loader(cfg["loader"], train, cfg["batch_size"], shuffle=True,
-                                        augment=cfg["dataset"] == "cifar10",
-                                        drop_last=dist_info.enabled, **common)
+                                        augment=cfg["dataset"] == "cifar10", **common)
     eval_batch = max(cfg["batch_size"], 256)
     eval_loaders = {name: data_lib.make_loader(cfg["loader"], ds, eval_batch, shuffle=False,
                                                augment=False, **common)
