@@ -186,6 +186,8 @@ def load_model_from_checkpoint(path, map_location="cpu"):
     meta = {}
     if ckpt.get("format") == FORMAT:
         config, state = ckpt.get("model_config"), ckpt.get("model")
+        if isinstance(config, dict) and isinstance(ckpt.get("sigma"), float):
+            config = {**config, "sigma": ckpt["sigma"]}  # annealed runs end below the default
         recorded = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         meta.update(source="ringq", epoch=ckpt.get("epoch"), dataset=recorded.get("dataset"),
                     data_dir=recorded.get("data_dir"),

@@ -216,9 +216,12 @@ def _wrap(model, cfg, device, dist_info):
 
 
 def _checkpoint(run, epoch, history, best):
+    """Everything to resume or evaluate the run; ``sigma`` is the kernel width in effect."""
+    summary = ring_summary(unwrap(run.model))
     return {"format": FORMAT, "version": 2, "config": run.cfg, "model_config": run.mcfg,
             "model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
             "epoch": epoch, "history": history, "best": best,
+            "sigma": summary["sigma"] if summary else None,
             "rng": {"torch": torch.get_rng_state()}}
 
 

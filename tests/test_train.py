@@ -217,3 +217,23 @@ def test_nan_skip_step_skips_and_counts(idx_data, tmp_path, nan_batch):
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
     final = json.loads((out / "final.json").read_text())
     assert all(math.isfinite(v) for v in final["loss"].values())
+
+
+def test_kbit_recipe_anneals_sigma_and_evaluates_at_final_sigma(idx_data, one_thread, tmp_path):
+    out = tmp_path / "kbit"
+    args = tiny_args(idx_data, out, "--epochs", 3, "--schedule", 2, "--ring-size", 4,
+                     "--ring-layout", "distinct", "--sigma-final", 0.05, "--ste-epochs", 1,
+                     "--position-weight-decay", 0, "--select-mode", "hard", "--val-split", 40)
+    assert train_main("mnist", args) == 0
+    rows = metric_rows(out)
+    assert [float(r["sigma"]) for r in rows] == pytest.approx([0.5, 0.5 * 0.1 ** 0.5, 0.05])
+    assert [r["weight_mode"] for r in rows] == ["soft", "soft", "ste"]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["sigma"] == pytest.approx(0.05) and ckpt["best"]["mode"] == "hard"
+    final = json.loads((out / "final.json").read_text())
+    assert final["num_distinct_values"] == 4 and final["effective_bits"] == 2
+    report_path = tmp_path / "report.json"
+    assert exit_code(run_cli, evaluate.main, ["--checkpoint", str(out / "last.pt"), "--json",
+                                              str(report_path), "--quiet", "--no-download"]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["accuracy"] == pytest.approx(final["accuracy"], abs=1e-3)
