@@ -8,7 +8,6 @@ command-line flags.
 """
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,7 +303,3 @@ def model_config(cfg, num_classes=10, in_channels=None, image_size=None):
 def save_yaml(cfg, path):
     """Write ``cfg`` as YAML, atomically."""
     write_text_atomic(yaml.safe_dump(cfg, sort_keys=False), path)
-
-
-def command_line():
-    return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])

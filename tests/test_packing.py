@@ -2,8 +2,6 @@
 import json
 import pickle
 import struct
-import sys
-import types
 import zlib
 
 import numpy as np
@@ -381,13 +379,7 @@ def test_unedited_rewrite_still_loads(tmp_path, resnet_ring4):
 
 @pytest.fixture
 def export_cli(monkeypatch):
-    """The export module with a settable stand-in for load_model_from_checkpoint."""
-    try:
-        import ringq.checkpoint  # noqa: F401  (the real loader, when it exists)
-    except ImportError:
-        stub = types.ModuleType("ringq.checkpoint")
-        stub.load_model_from_checkpoint = None
-        monkeypatch.setitem(sys.modules, "ringq.checkpoint", stub)
+    """The export module, whose load_model_from_checkpoint the tests replace."""
     import export
     return export
 
