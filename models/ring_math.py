@@ -142,14 +142,15 @@ class InterpolationTable(NamedTuple):
 
     The grid has ``cells`` = k*N cells of width 1/k in q = p*N, so every
     integer and half-integer q (where the circular distance has kinks) is a
-    node. values [cells+1]: v at nodes; slope_right / slope_left [cells]:
-    dv/dq at the left / right end of each cell, one-sided; slope_node
-    [cells+1]: dv/dq exactly at nodes. Inside a cell both v and dv/dq are
-    interpolated linearly.
+    node. Per cell [cells]: ``value_lo`` / ``value_hi``, v at its left / right
+    node; ``slope_lo`` / ``slope_hi``, dv/dp at its left / right end, one-sided.
+    ``slope_node`` [cells]: dv/dp exactly at each cell's left node. Inside a
+    cell v and dv/dp are interpolated linearly.
     """
-    values: torch.Tensor
-    slope_right: torch.Tensor
-    slope_left: torch.Tensor
+    value_lo: torch.Tensor
+    value_hi: torch.Tensor
+    slope_lo: torch.Tensor
+    slope_hi: torch.Tensor
     slope_node: torch.Tensor
     cells_per_index: int
     ring_size: int
@@ -170,34 +171,33 @@ def interpolation_table(ring, sigma, interpolation="gaussian", cells_per_index=N
     nodes = torch.arange(k * n + 1, dtype=torch.float64) / k
     if interpolation == "gaussian":
         mids = (nodes[:-1] + nodes[1:]) / 2
-        values, slope_node = _gaussian_terms(nodes, ring64, sigma)
-        _, slope_right = _gaussian_terms(nodes[:-1], ring64, sigma, branch_q=mids)
-        _, slope_left = _gaussian_terms(nodes[1:], ring64, sigma, branch_q=mids)
+        values, slope_node = _gaussian_terms(nodes[:-1], ring64, sigma)
+        _, slope_lo = _gaussian_terms(nodes[:-1], ring64, sigma, branch_q=mids)
+        _, slope_hi = _gaussian_terms(nodes[1:], ring64, sigma, branch_q=mids)
     else:
-        lower = torch.div(torch.arange(k * n + 1), k, rounding_mode="floor") % n
+        lower = torch.div(torch.arange(k * n), k, rounding_mode="floor")
         step = ring64[(lower + 1) % n] - ring64[lower]
-        values = ring64[lower] + (nodes - torch.floor(nodes)) * step
-        slope_node = step
-        slope_right = slope_left = step[:-1]
-    dtype, device = ring.dtype, ring.device
-    return InterpolationTable(*(t.to(device=device, dtype=dtype).contiguous()
-                                for t in (values, slope_right, slope_left, slope_node)), k, n)
+        values = ring64[lower] + (nodes[:-1] - lower) * step
+        slope_node = slope_lo = slope_hi = step
+    value_hi = torch.roll(values, -1)  # v is periodic: the last cell ends at v(0)
+    tables = (values, value_hi, slope_lo * n, slope_hi * n, slope_node * n)
+    return InterpolationTable(*(t.to(device=ring.device, dtype=ring.dtype).contiguous()
+                                for t in tables), k, n)
 
 
 def _lookup(table, positions, slope):
     """Table read-out for flat ``positions``: values, or d values / d positions."""
-    k, n = table.cells_per_index, table.ring_size
-    cells = k * n
-    x = torch.remainder(positions * n, n) * k
-    cell = torch.floor(x).clamp_(0, cells - 1)
+    cells = table.cells_per_index * table.ring_size
+    x = torch.remainder(positions * cells, cells)
+    cell = torch.floor(x).clamp_(max=cells - 1)
     t = x - cell
     cell = cell.long()
     if not slope:
-        lo = table.values.index_select(0, cell)
-        return lo + t * (table.values.index_select(0, cell + 1) - lo)
-    right = table.slope_right.index_select(0, cell)
-    inside = right + t * (table.slope_left.index_select(0, cell) - right)
-    return torch.where(t == 0, table.slope_node.index_select(0, cell), inside) * n
+        return torch.lerp(table.value_lo.index_select(0, cell),
+                          table.value_hi.index_select(0, cell), t)
+    inside = torch.lerp(table.slope_lo.index_select(0, cell),
+                        table.slope_hi.index_select(0, cell), t)
+    return torch.where(t == 0, table.slope_node.index_select(0, cell), inside)
 
 
 def _chunked(table, positions, slope, scale=None):
@@ -208,11 +208,14 @@ def _chunked(table, positions, slope, scale=None):
     """
     flat = positions.reshape(-1)
     factor = None if scale is None else scale.reshape(-1)
+    if flat.numel() <= _CHUNK:
+        part = _lookup(table, flat, slope)
+        return (part if factor is None else part.mul_(factor)).view_as(positions)
     out = torch.empty_like(flat)
     for start in range(0, flat.numel(), _CHUNK):
         part = _lookup(table, flat[start:start + _CHUNK], slope)
         if factor is not None:
-            part = part * factor[start:start + _CHUNK]
+            part.mul_(factor[start:start + _CHUNK])
         out[start:start + _CHUNK] = part
     return out.view_as(positions)
 
