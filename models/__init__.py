@@ -3,7 +3,8 @@ import torch.nn as nn
 
 from .mnist_nets import LeNet, MLP
 from .resnet_ring import DEPTHS, cifar_resnet
-from .ring_layers import RingConv2d, RingLinear, RingQuantizer
+from .ring_layers import (RingConv2d, RingLinear, RingQuantizer, clear_ring_weights,
+                          precompute_ring_weights)
 
 CIFAR_MODELS = tuple(DEPTHS)
 MNIST_MODELS = ("mlp", "lenet")
@@ -47,14 +48,19 @@ def build_model(config):
     name = config["model"]
     if config["quantization"] not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {config['quantization']!r}; choose from {QUANTIZATIONS}")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     conv, linear = layer_factories(config)
     num_classes = config.get("num_classes", 10)
     in_channels = config.get("in_channels", 3 if name in CIFAR_MODELS else 1)
-    if name in CIFAR_MODELS:
-        return cifar_resnet(name, conv, num_classes, in_channels)
     image_size = config.get("image_size", 28)
-    if name == "mlp":
-        return MLP(linear, num_classes, in_channels, image_size)
-    if name == "lenet":
-        return LeNet(conv, linear, num_classes, in_channels, image_size)
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    if name in CIFAR_MODELS:
+        model = cifar_resnet(name, conv, num_classes, in_channels)
+    elif name == "mlp":
+        model = MLP(linear, num_classes, in_channels, image_size)
+    else:
+        model = LeNet(conv, linear, num_classes, in_channels, image_size)
+    if config["quantization"] == "ring":
+        model.register_forward_pre_hook(precompute_ring_weights)
+        model.register_forward_hook(clear_ring_weights)
+    return model

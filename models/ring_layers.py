@@ -86,6 +86,7 @@ class _RingLayer(nn.Module):
         self._cache_key = None
         self._table = None
         self._table_key = None
+        self._step_weight = None
 
     @property
     def ring_size(self):
@@ -98,6 +99,9 @@ class _RingLayer(nn.Module):
         ``torch.no_grad``) they are cached until positions, ring or mode change.
         """
         if torch.is_grad_enabled() and self.positions.requires_grad:
+            weight, self._step_weight = self._step_weight, None
+            if weight is not None:
+                return weight
             return self.quantizer.weights(self.positions, self.ring_template, self._ring_table())
         key = (self.positions._version, self.positions.data_ptr(), self.positions.device,
                self.ring_template._version, self.ring_template.data_ptr(),
@@ -176,3 +180,38 @@ class RingLinear(_RingLayer):
 
 
 RING_LAYERS = (RingConv2d, RingLinear)
+
+
+def precompute_ring_weights(module, inputs=None):
+    """Compute the weights of all ring layers sharing a table in one call.
+
+    A training step otherwise runs the interpolation's dozen small operations
+    once per layer; here they run once per model, on the concatenated
+    positions, and each layer picks up its slice in its next forward (the
+    gradient reaches every layer's positions through the concatenation).
+    Used as a forward pre-hook of the model; does nothing without autograd or
+    in hard mode.
+    """
+    if not torch.is_grad_enabled():
+        return
+    groups = {}
+    for layer in module.modules():
+        if isinstance(layer, _RingLayer) and layer.positions.requires_grad:
+            table = layer._ring_table()
+            if table is not None:
+                groups.setdefault(id(table), (table, []))[1].append(layer)
+    for table, layers in groups.values():
+        if len(layers) < 2:
+            continue
+        flat = torch.cat([layer.positions.reshape(-1) for layer in layers])
+        first = layers[0]
+        weights = first.quantizer.weights(flat, first.ring_template, table)
+        for layer, weight in zip(layers, weights.split([l.positions.numel() for l in layers])):
+            layer._step_weight = weight.view_as(layer.positions)
+
+
+def clear_ring_weights(module, inputs=None, output=None):
+    """Forward hook: drop precomputed weights a forward did not use."""
+    for layer in module.modules():
+        if isinstance(layer, _RingLayer):
+            layer._step_weight = None

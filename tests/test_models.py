@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from models import MODELS, build_model
 from models.resnet_ring import DEPTHS
-from models.ring_layers import RingConv2d, RingLinear, RingQuantizer
+from models.ring_layers import RingConv2d, RingLinear, RingQuantizer, precompute_ring_weights
 from models.utils import clamp_positions, count_parameters, ring_layers, ring_summary, set_weight_mode
 
 
@@ -120,3 +120,27 @@ def test_ring_summary_reports_distinct_values():
 def test_every_model_name_builds():
     for name in MODELS:
         build_model(dict(model=name, quantization="ring", ring_size=4))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "lenet"])
+def test_batched_ring_weights_equal_per_layer_weights(name):
+    """The model-level pre-hook computes all layers' weights at once; results are unchanged."""
+    torch.manual_seed(0)
+    config = dict(model=name, quantization="ring", ring_size=8, ring_layout="distinct")
+    batched = build_model(config)
+    per_layer = build_model(config)
+    per_layer.load_state_dict(batched.state_dict())
+    per_layer._forward_pre_hooks.clear()
+    x = torch.randn(4, 3, 32, 32) if name == "resnet20" else torch.randn(4, 1, 28, 28)
+    outputs = []
+    for model in (batched, per_layer):
+        out = model(x)
+        out.square().sum().backward()
+        outputs.append((out, [layer.positions.grad for _, layer in ring_layers(model)]))
+    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5)
+    for a, b in zip(outputs[0][1], outputs[1][1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert all(layer._step_weight is None for _, layer in ring_layers(batched))
+    precompute_ring_weights(batched)  # what the hook does: one weight tensor for all layers
+    steps = [layer._step_weight for _, layer in ring_layers(batched)]
+    assert all(w is not None for w in steps) and len({id(w._base) for w in steps}) == 1
