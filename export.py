@@ -6,7 +6,6 @@ Each ring weight is stored as a bit-packed index into its layer's table of
 distinct ring values; other tensors are stored raw (float16 with --half).
 Load the result with ``ringq.packing.load_packed``.
 """
-import argparse
 import json
 import sys
 from collections import Counter
@@ -15,10 +14,11 @@ from models.utils import is_ring_model
 from ringq.checkpoint import load_model_from_checkpoint
 from ringq.errors import CheckpointError, RingqError
 from ringq.packing import export_packed, size_report
+from ringq.runtime import ArgumentParser
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="source checkpoint of a ring model")
     parser.add_argument("--output", required=True, help="packed file to write")
     parser.add_argument("--half", action="store_true",
