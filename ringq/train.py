@@ -220,6 +220,9 @@ def _checkpoint(run, epoch, history, best):
     summary = ring_summary(unwrap(run.model))
     return {"format": FORMAT, "version": 2, "config": run.cfg, "model_config": run.mcfg,
             "model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": {"type": "MultiStepLR", "milestones": list(run.cfg["schedule"]),
+                          "gamma": run.cfg["gamma"], "base_lr": run.cfg["lr"],
+                          "last_epoch": epoch, "next_lr": lr_at(run.cfg, epoch + 1)},
             "epoch": epoch, "history": history, "best": best,
             "sigma": summary["sigma"] if summary else None,
             "rng": {"torch": torch.get_rng_state()}}

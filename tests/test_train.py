@@ -237,3 +237,14 @@ def test_kbit_recipe_anneals_sigma_and_evaluates_at_final_sigma(idx_data, one_th
                                               str(report_path), "--quiet", "--no-download"]) == 0
     report = json.loads(report_path.read_text())
     assert report["accuracy"] == pytest.approx(final["accuracy"], abs=1e-3)
+
+
+def test_channels_last_changes_layout_not_results(idx_data, one_thread, tmp_path):
+    finals = []
+    for name, extra in (("default", ()), ("channels_last", ("--channels-last",))):
+        out = tmp_path / name
+        assert train_main("mnist", tiny_args(idx_data, out, "--ring-size", 4, *extra)) == 0
+        finals.append(json.loads((out / "final.json").read_text()))
+    for mode in ("soft", "hard"):
+        assert finals[0]["accuracy"][mode] == pytest.approx(finals[1]["accuracy"][mode], abs=1.0)
+        assert finals[0]["loss"][mode] == pytest.approx(finals[1]["loss"][mode], rel=1e-2)

@@ -1,0 +1,75 @@
+"""The experiment configs and the sweep runner (experiments/run.py)."""
+import argparse
+import csv
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from ringq import config as config_lib
+
+pytest_plugins = ["run_helpers"]
+sys.path.insert(0, str(ROOT / "experiments"))
+import run as runner  # noqa: E402
+
+CONFIGS = sorted((ROOT / "experiments").glob("*/*.yaml"))
+
+
+def test_every_folder_named_by_the_issue_has_configs():
+    folders = {p.parent.name for p in CONFIGS}
+    assert {"cifar10", "mnist", "ablations"} <= folders
+    names = {p.stem for p in CONFIGS}
+    for n in (4, 8):
+        assert {f"resnet20_ring{n}", f"resnet32_ring{n}", f"resnet20_ring{n}_kbit",
+                f"lenet_ring{n}_kbit"} <= names
+    assert {"resnet20_fp32", "resnet32_fp32", "ring8_sin", "ring8_triangle",
+            "ring8_interp_linear", "ring_size_2", "ring_size_16"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_config_is_valid(path):
+    raw = yaml.safe_load(path.read_text())
+    task = "cifar10" if raw.get("dataset", "cifar10") == "cifar10" else "mnist"
+    cfg = config_lib.resolve(argparse.Namespace(config=str(path)), task)
+    assert all(cfg[k] == config_lib.load_yaml(path)[k] for k in raw)
+
+
+def test_published_configs_keep_published_defaults():
+    cfg = config_lib.load_yaml(ROOT / "experiments" / "cifar10" / "resnet20_ring4.yaml")
+    assert cfg == {**cfg, "epochs": 200, "lr": 0.1, "schedule": [100, 150], "batch_size": 128,
+                   "ring_type": "triangle", "ring_size": 4}
+    assert "ring_layout" not in cfg  # the published ring stays the default
+
+
+def test_scaled_schedule():
+    assert runner.scaled_schedule([100, 150], 200, 30) == [15, 22]
+    assert runner.scaled_schedule([5, 8], 10, 8) == [4, 6]
+    assert runner.scaled_schedule([1, 2], 10, 2) == [1]
+
+
+def test_runner_sweeps_seeds_and_tabulates(idx_data, tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    common = {"dataset": "fashion-mnist", "model": "mlp", "epochs": 2, "schedule": [1],
+              "batch_size": 40, "download": False}
+    (folder / "mlp_fp32.yaml").write_text(yaml.safe_dump({**common, "quantization": "none"}))
+    (folder / "mlp_ring4.yaml").write_text(yaml.safe_dump({**common, "ring_size": 4}))
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), str(folder), "--seeds", "1", "2",
+           "--data-dir", str(idx_data), "--output-root", str(tmp_path / "out"), "--jobs", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out" / "tiny"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["config"], r["seed"]) for r in rows] == [
+        ("mlp_fp32", "1"), ("mlp_fp32", "2"), ("mlp_ring4", "1"), ("mlp_ring4", "2"),
+        ("mlp_fp32", "mean"), ("mlp_fp32", "std"), ("mlp_ring4", "mean"), ("mlp_ring4", "std")]
+    assert rows[0]["fp32"] and not rows[0]["hard"] and rows[2]["soft"] and rows[2]["hard"]
+    seeds_soft = [float(rows[2]["soft"]), float(rows[3]["soft"])]
+    assert float(rows[6]["soft"]) == pytest.approx(sum(seeds_soft) / 2, abs=0.006)
+    assert float(rows[7]["soft"]) == pytest.approx(abs(seeds_soft[0] - seeds_soft[1]) / 2, abs=0.006)
+    assert "| mlp_ring4 | 2 |" in (out / "results.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and "done:" not in again.stdout  # finished runs are skipped
