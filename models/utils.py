@@ -56,7 +56,7 @@ def ring_summary(model):
         "nominal_bits": math.log2(q.ring_size),
         "distinct_values": [round(v, 6) for v in distinct.tolist()],
         "num_distinct_values": len(distinct),
-        "effective_bits": math.log2(len(distinct)),
+        "effective_bits": ring_math.effective_bits(layer.ring_template),
         "quantized_weights": sum(m.positions.numel() for _, m in layers),
     }
 

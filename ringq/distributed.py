@@ -54,11 +54,6 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-def broadcast_flag(flag, device):
-    """True on every rank if ``flag`` is true on any rank."""
-    return all_reduce_sum([float(flag)], device)[0] > 0
-
-
 class _AllReduceSum(torch.autograd.Function):
     """Differentiable sum over processes: the gradient is summed over processes too."""
 
