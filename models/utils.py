@@ -1,4 +1,5 @@
 """Helpers that act on every ring layer of a model."""
+import contextlib
 import math
 
 import torch
@@ -27,6 +28,20 @@ def set_weight_mode(model, mode):
     """Set ``soft``, ``hard`` or ``ste`` on every ring layer."""
     for _, layer in ring_layers(model):
         layer.quantizer.mode = mode
+
+
+@contextlib.contextmanager
+def weight_mode(model, mode):
+    """Run a block with every ring layer in ``mode`` (None: unchanged), then restore each layer's."""
+    layers = [layer for _, layer in ring_layers(model)]
+    previous = [layer.quantizer.mode for layer in layers]
+    if mode is not None:
+        set_weight_mode(model, mode)
+    try:
+        yield
+    finally:
+        for layer, m in zip(layers, previous):
+            layer.quantizer.mode = m
 
 
 def set_sigma(model, sigma):

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.utils import clamp_positions, ring_layers, set_sigma, set_weight_mode
+from models.utils import clamp_positions, ring_layers, set_sigma, set_weight_mode, weight_mode
 
 from .distributed import all_reduce_sum, unwrap
 from .errors import RingqError
@@ -182,13 +182,9 @@ def evaluate(model, loader, device, mode=None, amp=False, progress=False, desc="
     Ring weights are computed once for the pass (cached while positions stay
     unchanged). Results are summed over processes.
     """
-    plain = unwrap(model)
-    previous = [layer.quantizer.mode for _, layer in ring_layers(plain)]
-    if mode is not None and previous:
-        set_weight_mode(plain, mode)
     model.eval()
     loss_sum = correct = count = 0
-    try:
+    with weight_mode(unwrap(model), mode):
         for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             if y.numel() == 0:
                 continue
@@ -198,9 +194,6 @@ def evaluate(model, loader, device, mode=None, amp=False, progress=False, desc="
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             count += y.numel()
-    finally:
-        for (_, layer), m in zip(ring_layers(plain), previous):
-            layer.quantizer.mode = m
     loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], device)
     return {"loss": loss_sum / max(count, 1), "accuracy": 100.0 * correct / max(count, 1),
             "num_examples": int(count)}
@@ -221,22 +214,19 @@ def recalibrate_batchnorm(model, loader, num_images, mode="hard"):
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    previous = [layer.quantizer.mode for _, layer in ring_layers(plain)]
-    set_weight_mode(plain, mode)
     plain.train()
     seen = 0
     try:
-        for x, _ in loader:
-            if seen >= num_images:
-                break
-            x = x[: num_images - seen].to(device, non_blocking=True)
-            plain(x)
-            seen += x.shape[0]
+        with weight_mode(plain, mode):
+            for x, _ in loader:
+                if seen >= num_images:
+                    break
+                x = x[: num_images - seen].to(device, non_blocking=True)
+                plain(x)
+                seen += x.shape[0]
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        for (_, layer), m in zip(ring_layers(plain), previous):
-            layer.quantizer.mode = m
         plain.eval()
     return seen
 

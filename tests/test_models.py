@@ -144,3 +144,14 @@ def test_batched_ring_weights_equal_per_layer_weights(name):
     precompute_ring_weights(batched)  # what the hook does: one weight tensor for all layers
     steps = [layer._step_weight for _, layer in ring_layers(batched)]
     assert all(w is not None for w in steps) and len({id(w._base) for w in steps}) == 1
+
+
+def test_weight_mode_context_restores_modes_even_on_error():
+    from models.utils import weight_mode
+    model = build_model(dict(model="lenet", quantization="ring", ring_size=4))
+    set_weight_mode(model, "ste")
+    with pytest.raises(RuntimeError):
+        with weight_mode(model, "hard"):
+            assert {layer.quantizer.mode for _, layer in ring_layers(model)} == {"hard"}
+            raise RuntimeError
+    assert {layer.quantizer.mode for _, layer in ring_layers(model)} == {"ste"}
