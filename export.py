@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 
 from models.utils import is_ring_model
-from ringq.checkpoint import load_model_from_checkpoint
+from ringq.checkpoint import load_model_from_checkpoint, write_text_atomic
 from ringq.errors import CheckpointError, RingqError
 from ringq.packing import export_packed, size_report
 from ringq.runtime import ArgumentParser
@@ -40,10 +40,7 @@ def pack_checkpoint(args):
     if not is_ring_model(model):
         raise CheckpointError(f"nothing to pack: {args.checkpoint} has no ring layers")
     extra = {**_json_scalars(meta), "source_checkpoint": str(args.checkpoint)}
-    try:
-        export_packed(model, config, args.output, half=args.half, extra=extra)
-    except OSError as e:
-        raise RingqError(f"cannot write {args.output}: {e.strerror or e}") from None
+    export_packed(model, config, args.output, half=args.half, extra=extra)
     return {"checkpoint": str(args.checkpoint), "output": str(args.output),
             **size_report(model, args.output)}
 
@@ -64,21 +61,12 @@ def format_report(report):
     ])
 
 
-def _write_json(path, report):
-    try:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    except OSError as e:
-        raise RingqError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         report = pack_checkpoint(args)
         if args.json:
-            _write_json(args.json, report)
+            write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
     except RingqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
@@ -36,6 +35,7 @@ from models import build_model
 from models.ring_math import hard_indices
 from models.utils import ring_layers, set_weight_mode
 
+from .checkpoint import write_atomic
 from .errors import CheckpointError
 
 MAGIC = b"RINGQPK1"
@@ -190,31 +190,6 @@ def _entries(model, half):
     return rings, entries
 
 
-def _umask():
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path, chunks):
-    """Write byte ``chunks`` to ``path`` via a temp file in its directory, fsync, os.replace."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def export_packed(model, config, path, half=False, extra=None):
     """Write ``model`` as a packed file at ``path`` (atomically); returns stats.
 
@@ -239,7 +214,7 @@ def export_packed(model, config, path, half=False, extra=None):
     header_blob = zlib.compress(
         json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8"), 9)
     prefix = _PREFIX.pack(MAGIC, len(header_blob))
-    _atomic_write(path, (prefix, header_blob, payload))
+    write_atomic(path, lambda f: f.writelines((prefix, header_blob, payload)))
     packed = [r for r, _ in entries if r["kind"] == "packed"]
     return {"file_bytes": len(prefix) + len(header_blob) + len(payload),
             "header_bytes": len(prefix) + len(header_blob), "payload_bytes": len(payload),
