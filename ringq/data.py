@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -23,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .errors import DataError
+from .checkpoint import save_atomic
+from .errors import DataError, RingqError
 
 NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
@@ -233,19 +233,12 @@ def read_cache(path, fingerprint):
 def write_cache(path, ds, fingerprint):
     """Atomically save ``ds`` with ``fingerprint`` to ``path``; False (nothing left behind) on failure."""
     path = Path(path)
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as public as the data
-        torch.save({"fingerprint": fingerprint, "images": ds.images, "labels": ds.labels,
-                    "classes": list(ds.classes)}, tmp)
-        os.replace(tmp, path)
+        save_atomic({"fingerprint": fingerprint, "images": ds.images, "labels": ds.labels,
+                     "classes": list(ds.classes)}, path)
         return True
-    except (OSError, RuntimeError):
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    except (OSError, RuntimeError, RingqError):
         return False
 
 
