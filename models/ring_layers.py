@@ -152,6 +152,11 @@ class RingConv2d(_RingLayer):
     def weight_shape(self):
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
+    @property
+    def fan_in(self):
+        """Inputs per output channel: in_channels * kh * kw."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
     def forward(self, x):
         weight = self.ring_weight().view(self.weight_shape)
         return F.conv2d(x, weight.to(x.dtype), None, self.stride, self.padding)
@@ -171,6 +176,10 @@ class RingLinear(_RingLayer):
     @property
     def weight_shape(self):
         return (self.out_features, self.in_features)
+
+    @property
+    def fan_in(self):
+        return self.in_features
 
     def forward(self, x):
         return F.linear(x, self.ring_weight().view(self.weight_shape).to(x.dtype))

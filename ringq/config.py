@@ -78,6 +78,10 @@ OPTIONS = [
            "pass and soft-kernel gradients (straight-through)", check=_non_negative),
     Option("select_mode", str, "soft", "weight mode whose validation accuracy selects best.pt",
            choices=("soft", "hard")),
+    Option("position_lr_scale", float, 1.0, "learning rate of ring positions relative to --lr",
+           check=_positive),
+    Option("position_lr_fan_in", bool, False, "also multiply each ring layer's position "
+           "learning rate by its fan-in (inputs per output unit; see docs/RESULTS.md)"),
     Option("position_weight_decay", float, None, "weight decay on ring positions "
            "(default: --weight-decay, as published)", check=lambda v: None if v is None or v >= 0
            else "must be >= 0"),
@@ -129,7 +133,7 @@ TASK_DATASETS = {"cifar10": ("cifar10",), "mnist": ("mnist", "fashion-mnist")}
 FIXED_ON_RESUME = ("model", "quantization", "ring_size", "ring_type", "ring_layout",
                    "interpolation", "sigma", "dataset", "val_split", "subset", "seed",
                    "batch_size", "loader", "momentum", "weight_decay", "position_weight_decay",
-                   "select_mode")
+                   "position_lr_scale", "position_lr_fan_in", "select_mode")
 
 
 def _flag(name):

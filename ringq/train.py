@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from models import build_model
-from models.utils import count_parameters, ring_summary
+from models.utils import count_parameters, ring_layers, ring_summary
 
 from . import config as config_lib
 from . import data as data_lib
@@ -122,14 +122,23 @@ def _resolve(args, task):
 
 
 def _param_groups(model, cfg):
-    """SGD groups: ring positions (position_weight_decay) and everything else."""
-    positions = [p for n, p in model.named_parameters() if n.endswith("positions")]
+    """SGD groups: the non-position parameters, then ring positions.
+
+    Positions take ``position_weight_decay`` and ``lr * position_lr_scale``;
+    with ``position_lr_fan_in`` each ring layer is its own group whose scale is
+    further multiplied by the layer's fan-in. ``lr_scale`` is kept in each group.
+    """
     others = [p for n, p in model.named_parameters() if not n.endswith("positions")]
-    wd_pos = cfg["position_weight_decay"]
-    groups = [{"params": others, "weight_decay": cfg["weight_decay"]}]
-    if positions:
-        groups.append({"params": positions,
-                       "weight_decay": cfg["weight_decay"] if wd_pos is None else wd_pos})
+    groups = [{"params": others, "weight_decay": cfg["weight_decay"], "lr_scale": 1.0}]
+    wd_pos = cfg["weight_decay"] if cfg["position_weight_decay"] is None \
+        else cfg["position_weight_decay"]
+    layers = [layer for _, layer in ring_layers(model)]
+    if cfg["position_lr_fan_in"]:
+        groups += [{"params": [layer.positions], "weight_decay": wd_pos,
+                    "lr_scale": cfg["position_lr_scale"] * layer.fan_in} for layer in layers]
+    elif layers:
+        groups.append({"params": [layer.positions for layer in layers], "weight_decay": wd_pos,
+                       "lr_scale": cfg["position_lr_scale"]})
     return groups
 
 
@@ -362,7 +371,7 @@ def _run_epoch(run, epoch):
     apply_epoch_schedule(unwrap(run.model), cfg, run.base_sigma, epoch)
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     run.train_loader.set_epoch(epoch)
     progress = not cfg["quiet"] and run.dist_info.is_main
     stats = train_one_epoch(run.model, run.train_loader, run.optimizer, cfg, epoch, run.device,

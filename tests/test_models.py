@@ -75,12 +75,14 @@ def test_ring_conv_matches_plain_conv_with_same_weights():
     with torch.no_grad():
         plain.weight.copy_(conv.ring_weight().view(5, 3, 3, 3))
     assert torch.allclose(conv(x), plain(x), atol=1e-6)
+    assert conv.fan_in == 3 * 3 * 3 == plain.weight[0].numel()
 
 
 def test_ring_linear_positions_shape_and_forward():
     lin = RingLinear(7, 4, quantizer=RingQuantizer(ring_size=4, layout="distinct"))
     assert lin.positions.shape == (4, 7)
     assert lin(torch.randn(2, 7)).shape == (2, 4)
+    assert lin.fan_in == 7
 
 
 def test_eval_weights_cached_until_positions_change():

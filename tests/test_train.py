@@ -223,13 +223,19 @@ def test_kbit_recipe_anneals_sigma_and_evaluates_at_final_sigma(idx_data, one_th
     out = tmp_path / "kbit"
     args = tiny_args(idx_data, out, "--epochs", 3, "--schedule", 2, "--ring-size", 4,
                      "--ring-layout", "distinct", "--sigma-final", 0.05, "--ste-epochs", 1,
-                     "--position-weight-decay", 0, "--select-mode", "hard", "--val-split", 40)
+                     "--position-weight-decay", 0, "--select-mode", "hard", "--val-split", 40,
+                     "--position-lr-fan-in", "--position-lr-scale", 0.015625)
     assert train_main("mnist", args) == 0
     rows = metric_rows(out)
     assert [float(r["sigma"]) for r in rows] == pytest.approx([0.5, 0.5 * 0.1 ** 0.5, 0.05])
     assert [r["weight_mode"] for r in rows] == ["soft", "soft", "ste"]
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["sigma"] == pytest.approx(0.05) and ckpt["best"]["mode"] == "hard"
+    # LeNet's ring layers have fan-in 1*5*5, 20*5*5 and 50*4*4; the last epoch's lr is 0.01
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.01 * 25 / 64, 0.01 * 500 / 64,
+                                                       0.01 * 800 / 64])
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0, 0, 0]
     final = json.loads((out / "final.json").read_text())
     assert final["num_distinct_values"] == 4 and final["effective_bits"] == 2
     report_path = tmp_path / "report.json"
