@@ -48,6 +48,8 @@ CASES = [  # (id, CLI, arguments, fragment of the error line)
     ("sigma-nan", "mnist", TRAIN + " --sigma nan", "sigma: must be a finite number"),
     ("lr-negative", "mnist", TRAIN + " --lr -0.1", "lr must be > 0"),
     ("lr-word", "mnist", TRAIN + " --lr fast", "argument --lr: invalid float value"),
+    ("position-lr-scale-zero", "mnist", TRAIN + " --position-lr-scale 0",
+     "position_lr_scale must be > 0"),
     ("epochs-zero", "mnist", TRAIN + " --epochs 0 --schedule", "epochs must be > 0"),
     ("milestones-unsorted", "mnist", TRAIN + " --epochs 5 --schedule 3 2",
      "milestones must be positive and strictly increasing"),
