@@ -12,9 +12,9 @@ from collections import Counter
 
 from models.utils import is_ring_model
 from ringq.checkpoint import load_model_from_checkpoint, write_text_atomic
-from ringq.errors import CheckpointError, RingqError
+from ringq.errors import CheckpointError
 from ringq.packing import export_packed, size_report
-from ringq.runtime import ArgumentParser
+from ringq.runtime import ArgumentParser, run_cli
 
 
 def get_args_parser():
@@ -63,17 +63,13 @@ def format_report(report):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
-        report = pack_checkpoint(args)
-        if args.json:
-            write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
-    except RingqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = pack_checkpoint(args)
+    if args.json:
+        write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
     if not args.quiet:
         print(format_report(report))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,5 +1,6 @@
 """Process-level helpers shared by the CLI scripts: devices, seeds, error exits."""
 import argparse
+import os
 import platform
 import random
 import sys
@@ -53,9 +54,16 @@ def library_versions():
 
 def run_cli(main, argv=None):
     """Call ``main(argv)``; a RingqError becomes one stderr line and exit status 2 (or the
-    error's ``exit_code``); Ctrl-C outside a training loop exits 130 without a traceback."""
+    error's ``exit_code``); Ctrl-C outside a training loop exits 130 without a traceback;
+    a standard output closed early (``| head``) ends the command quietly with status 1."""
     try:
-        return main(argv)
+        try:
+            return main(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except RingqError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", EXIT_USAGE))

@@ -11,6 +11,8 @@ directory is made as a path under a regular file instead.
 import pickle
 import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,8 +21,8 @@ import evaluate
 import export
 from ringq.data import load_split
 from ringq.runtime import run_cli
-from run_helpers import (Payload, exit_code, make_image_folder, run_script, save_checkpoint,
-                         snapshot, tiny_args, train_main)
+from run_helpers import (ENV, ROOT, Payload, exit_code, make_image_folder, run_script,
+                         save_checkpoint, snapshot, tiny_args, train_main)
 
 pytest_plugins = ["run_helpers"]
 
@@ -191,7 +193,7 @@ def in_process(cli, argv):
         return train_main(cli, argv)
     if cli == "evaluate":
         return exit_code(run_cli, evaluate.main, argv)
-    return exit_code(export.main, argv)
+    return exit_code(run_cli, export.main, argv)
 
 
 def check_outcome(code, out, err, fragment):
@@ -227,3 +229,16 @@ def test_bad_input_as_a_process(inputs, cli, args, fragment):
 
 def test_the_matrix_is_wide():
     assert len(CASES) >= 30 and {case[1] for case in CASES} == set(SCRIPTS)
+
+
+def test_output_closed_early_ends_quietly(tmp_path):
+    """``export.py ... | head -0``: the file is written, no traceback, status 1."""
+    out = tmp_path / "copy.rqp"
+    proc = subprocess.Popen([sys.executable, "export.py", "--checkpoint",
+                             "pretrained/lenet_ring4_kbit_fashion_mnist.rqp", "--output", str(out)],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert err == "" and out.stat().st_size > 0

@@ -15,6 +15,8 @@ from models.utils import ring_layers, set_weight_mode
 from ringq.errors import CheckpointError
 from ringq.packing import (export_packed, is_packed_file, level_table, load_packed, pack_bits,
                            size_report, unpack_bits)
+from ringq.runtime import run_cli
+from run_helpers import exit_code
 
 RESNET_RING4 = dict(model="resnet20", quantization="ring", ring_size=4, ring_layout="distinct")
 
@@ -394,7 +396,7 @@ def test_cli_exports_and_reports(monkeypatch, tmp_path, capsys, export_cli, resn
     model = resnet_ring4[0]
     _use_model(monkeypatch, export_cli, model, RESNET_RING4)
     out, report = tmp_path / "m.rqp", tmp_path / "m.json"
-    assert export_cli.main(["--checkpoint", "src.pt", "--output", str(out),
+    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "src.pt", "--output", str(out),
                             "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "file bytes" in printed and "16.00x" in printed and "21 layers at 2 bits" in printed
@@ -409,7 +411,7 @@ def test_cli_exports_and_reports(monkeypatch, tmp_path, capsys, export_cli, resn
 def test_cli_half_and_quiet(monkeypatch, tmp_path, capsys, export_cli, resnet_ring4):
     _use_model(monkeypatch, export_cli, resnet_ring4[0], RESNET_RING4)
     out = tmp_path / "m.rqp"
-    assert export_cli.main(["--checkpoint", "src.pt", "--output", str(out), "--half",
+    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "src.pt", "--output", str(out), "--half",
                             "--quiet"]) == 0
     assert capsys.readouterr().out == ""
     assert out.stat().st_size < resnet_ring4[1].stat().st_size
@@ -418,7 +420,7 @@ def test_cli_half_and_quiet(monkeypatch, tmp_path, capsys, export_cli, resnet_ri
 def test_cli_refuses_fp32_model(monkeypatch, tmp_path, capsys, export_cli):
     config = dict(model="mlp", quantization="none")
     _use_model(monkeypatch, export_cli, build_model(config), config)
-    assert export_cli.main(["--checkpoint", "fp32.pt", "--output", str(tmp_path / "x")]) == 2
+    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "fp32.pt", "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err == "error: nothing to pack: fp32.pt has no ring layers\n"
 
@@ -428,11 +430,11 @@ def test_cli_reports_user_errors_in_one_line(monkeypatch, tmp_path, capsys, expo
     def broken(path, map_location="cpu"):
         raise CheckpointError(f"{path}: not a checkpoint")
     monkeypatch.setattr(export_cli, "load_model_from_checkpoint", broken)
-    assert export_cli.main(["--checkpoint", "bad.pt", "--output", str(tmp_path / "x")]) == 2
+    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "bad.pt", "--output", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == "error: bad.pt: not a checkpoint\n"
     _use_model(monkeypatch, export_cli, resnet_ring4[0], RESNET_RING4)
     missing_dir = tmp_path / "no" / "x.rqp"
-    assert export_cli.main(["--checkpoint", "a.pt", "--output", str(missing_dir)]) == 2
+    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "a.pt", "--output", str(missing_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write {missing_dir}") and err.count("\n") == 1
 
@@ -442,7 +444,7 @@ def test_cli_packs_upstream_checkpoint(tmp_path, capsys, upstream_dir, export_cl
     from ringq.checkpoint import load_model_from_checkpoint
     source = upstream_dir / "best_ResNet20_ring4.pth"
     out = tmp_path / "ring4.rqp"
-    assert export_cli.main(["--checkpoint", str(source), "--output", str(out), "--quiet"]) == 0
+    assert exit_code(run_cli, export_cli.main, ["--checkpoint", str(source), "--output", str(out), "--quiet"]) == 0
     model, config, _ = load_model_from_checkpoint(source)
     set_weight_mode(model, "hard")
     loaded, _, _ = load_packed(out)
