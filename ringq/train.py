@@ -128,11 +128,12 @@ def _param_groups(model, cfg):
     with ``position_lr_fan_in`` each ring layer is its own group whose scale is
     further multiplied by the layer's fan-in. ``lr_scale`` is kept in each group.
     """
-    others = [p for n, p in model.named_parameters() if not n.endswith("positions")]
+    layers = [layer for _, layer in ring_layers(model)]
+    positions = {id(layer.positions) for layer in layers}
+    others = [p for p in model.parameters() if id(p) not in positions]
     groups = [{"params": others, "weight_decay": cfg["weight_decay"], "lr_scale": 1.0}]
     wd_pos = cfg["weight_decay"] if cfg["position_weight_decay"] is None \
         else cfg["position_weight_decay"]
-    layers = [layer for _, layer in ring_layers(model)]
     if cfg["position_lr_fan_in"]:
         groups += [{"params": [layer.positions], "weight_decay": wd_pos,
                     "lr_scale": cfg["position_lr_scale"] * layer.fan_in} for layer in layers]
