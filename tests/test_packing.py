@@ -392,12 +392,17 @@ def _use_model(monkeypatch, export, model, config):
     monkeypatch.setattr(export, "load_model_from_checkpoint", load)
 
 
+def _export(export_cli, *argv):
+    """Exit status of ``export.py ARGV``, run as its entry point runs it."""
+    return exit_code(run_cli, export_cli.main, list(argv))
+
+
 def test_cli_exports_and_reports(monkeypatch, tmp_path, capsys, export_cli, resnet_ring4):
     model = resnet_ring4[0]
     _use_model(monkeypatch, export_cli, model, RESNET_RING4)
     out, report = tmp_path / "m.rqp", tmp_path / "m.json"
-    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "src.pt", "--output", str(out),
-                            "--json", str(report)]) == 0
+    assert _export(export_cli, "--checkpoint", "src.pt", "--output", str(out),
+                   "--json", str(report)) == 0
     printed = capsys.readouterr().out
     assert "file bytes" in printed and "16.00x" in printed and "21 layers at 2 bits" in printed
     numbers = json.loads(report.read_text())
@@ -411,8 +416,8 @@ def test_cli_exports_and_reports(monkeypatch, tmp_path, capsys, export_cli, resn
 def test_cli_half_and_quiet(monkeypatch, tmp_path, capsys, export_cli, resnet_ring4):
     _use_model(monkeypatch, export_cli, resnet_ring4[0], RESNET_RING4)
     out = tmp_path / "m.rqp"
-    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "src.pt", "--output", str(out), "--half",
-                            "--quiet"]) == 0
+    assert _export(export_cli, "--checkpoint", "src.pt", "--output", str(out), "--half",
+                   "--quiet") == 0
     assert capsys.readouterr().out == ""
     assert out.stat().st_size < resnet_ring4[1].stat().st_size
 
@@ -420,7 +425,7 @@ def test_cli_half_and_quiet(monkeypatch, tmp_path, capsys, export_cli, resnet_ri
 def test_cli_refuses_fp32_model(monkeypatch, tmp_path, capsys, export_cli):
     config = dict(model="mlp", quantization="none")
     _use_model(monkeypatch, export_cli, build_model(config), config)
-    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "fp32.pt", "--output", str(tmp_path / "x")]) == 2
+    assert _export(export_cli, "--checkpoint", "fp32.pt", "--output", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err
     assert err == "error: nothing to pack: fp32.pt has no ring layers\n"
 
@@ -430,11 +435,11 @@ def test_cli_reports_user_errors_in_one_line(monkeypatch, tmp_path, capsys, expo
     def broken(path, map_location="cpu"):
         raise CheckpointError(f"{path}: not a checkpoint")
     monkeypatch.setattr(export_cli, "load_model_from_checkpoint", broken)
-    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "bad.pt", "--output", str(tmp_path / "x")]) == 2
+    assert _export(export_cli, "--checkpoint", "bad.pt", "--output", str(tmp_path / "x")) == 2
     assert capsys.readouterr().err == "error: bad.pt: not a checkpoint\n"
     _use_model(monkeypatch, export_cli, resnet_ring4[0], RESNET_RING4)
     missing_dir = tmp_path / "no" / "x.rqp"
-    assert exit_code(run_cli, export_cli.main, ["--checkpoint", "a.pt", "--output", str(missing_dir)]) == 2
+    assert _export(export_cli, "--checkpoint", "a.pt", "--output", str(missing_dir)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write {missing_dir}") and err.count("\n") == 1
 
@@ -444,7 +449,7 @@ def test_cli_packs_upstream_checkpoint(tmp_path, capsys, upstream_dir, export_cl
     from ringq.checkpoint import load_model_from_checkpoint
     source = upstream_dir / "best_ResNet20_ring4.pth"
     out = tmp_path / "ring4.rqp"
-    assert exit_code(run_cli, export_cli.main, ["--checkpoint", str(source), "--output", str(out), "--quiet"]) == 0
+    assert _export(export_cli, "--checkpoint", str(source), "--output", str(out), "--quiet") == 0
     model, config, _ = load_model_from_checkpoint(source)
     set_weight_mode(model, "hard")
     loaded, _, _ = load_packed(out)
