@@ -40,8 +40,16 @@ def init_distributed(device_type):
     return DistInfo(rank, world_size, local_rank)
 
 
-def cleanup():
+def cleanup(finished=True):
+    """Tear the process group down; ``finished`` runs wait for every process first.
+
+    Waiting matters: a gloo process that destroys its group while a peer is
+    still working can abort ("terminate called without an active exception").
+    After a failure no barrier is attempted, since a peer may never reach it.
+    """
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

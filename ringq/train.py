@@ -324,14 +324,17 @@ def train(cfg, resume, task, overwrite=False):
                               else (device.index or 0))
         torch.backends.cudnn.benchmark = True
     out = Path(cfg["output_dir"])
+    finished = False
     try:
         _check_output_dir(out, resume, overwrite)
         with StopSignals() as stop:
-            return _train(cfg, resume, overwrite, out, device, dist_info, stop)
+            final = _train(cfg, resume, overwrite, out, device, dist_info, stop)
+        finished = True
+        return final
     except (Interrupted, NonFiniteError) as e:
         raise type(e)(f"{e}; {_resume_hint(task, out, resume)}") from None
     finally:
-        cleanup()
+        cleanup(finished)
 
 
 def _setup(cfg, resume, overwrite, out, device, dist_info, stop):
