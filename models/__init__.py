@@ -43,7 +43,7 @@ def build_model(config):
     """Build the model a config (mapping) describes.
 
     Keys: model, quantization (ring|none), ring_size, ring_type, ring_layout,
-    interpolation, sigma, num_classes, in_channels, image_size.
+    interpolation, sigma, fp32_first_layer, num_classes, in_channels, image_size.
     """
     name = config["model"]
     if config["quantization"] not in QUANTIZATIONS:
@@ -51,15 +51,18 @@ def build_model(config):
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     conv, linear = layer_factories(config)
+    first_conv, first_linear = conv, linear
+    if config.get("fp32_first_layer"):
+        first_conv, first_linear = layer_factories({"quantization": "none"})
     num_classes = config.get("num_classes", 10)
     in_channels = config.get("in_channels", 3 if name in CIFAR_MODELS else 1)
     image_size = config.get("image_size", 28)
     if name in CIFAR_MODELS:
-        model = cifar_resnet(name, conv, num_classes, in_channels)
+        model = cifar_resnet(name, conv, num_classes, in_channels, first_conv)
     elif name == "mlp":
-        model = MLP(linear, num_classes, in_channels, image_size)
+        model = MLP(linear, num_classes, in_channels, image_size, first_linear)
     else:
-        model = LeNet(conv, linear, num_classes, in_channels, image_size)
+        model = LeNet(conv, linear, num_classes, in_channels, image_size, first_conv)
     if config["quantization"] == "ring":
         model.register_forward_pre_hook(precompute_ring_weights)
         model.register_forward_hook(clear_ring_weights)

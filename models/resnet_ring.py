@@ -3,7 +3,8 @@
 Three stages of 16/32/64 channels with n BasicBlocks each, a 3x3 stem, 1x1
 conv + BN shortcuts where the shape changes ("option B"), global average pool
 and an FP32 linear classifier. Convolutions come from ``conv``, a callable
-``conv(in_ch, out_ch, kernel_size, stride, padding)``: ring or plain.
+``conv(in_ch, out_ch, kernel_size, stride, padding)``: ring or plain; the stem
+may use its own ``stem_conv`` (e.g. FP32 in a ring network).
 Module names match the original checkpoints.
 """
 import torch.nn as nn
@@ -33,9 +34,9 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs; ``num_blocks`` lists the blocks per stage."""
 
-    def __init__(self, num_blocks, conv, num_classes=10, in_channels=3):
+    def __init__(self, num_blocks, conv, num_classes=10, in_channels=3, stem_conv=None):
         super().__init__()
-        self.conv1 = conv(in_channels, 16, 3, 1, 1)
+        self.conv1 = (stem_conv or conv)(in_channels, 16, 3, 1, 1)
         self.bn1 = nn.BatchNorm2d(16)
         stages, channels = [], 16
         for width, blocks, stride in zip((16, 32, 64), num_blocks, (1, 2, 2)):
@@ -60,7 +61,7 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
-def cifar_resnet(name, conv, num_classes=10, in_channels=3):
+def cifar_resnet(name, conv, num_classes=10, in_channels=3, stem_conv=None):
     """Build ``resnet20|resnet32|resnet44|resnet56``."""
     n = DEPTHS[name]
-    return CifarResNet([n, n, n], conv, num_classes, in_channels)
+    return CifarResNet([n, n, n], conv, num_classes, in_channels, stem_conv)

@@ -71,6 +71,9 @@ OPTIONS = [
     Option("interpolation", str, "gaussian", "soft interpolation kernel", choices=INTERPOLATIONS),
     Option("sigma", float, None, "Gaussian kernel width in ring-index units "
            "(default: the published max(0.5, N/32))", check=_optional_positive),
+    Option("fp32_first_layer", bool, False, "keep the first layer (a ResNet's stem conv, "
+           "LeNet's first conv, the MLP's first linear) in FP32, as most low-bit papers do "
+           "(default: ring-quantized, as published)"),
     # k-bit recipe
     Option("sigma_final", float, None, "anneal sigma geometrically to this value by the last "
            "epoch (default: no annealing)", check=_optional_positive),
@@ -131,7 +134,7 @@ TASK_MODELS = {"cifar10": CIFAR_MODELS, "mnist": MNIST_MODELS}
 TASK_DATASETS = {"cifar10": ("cifar10",), "mnist": ("mnist", "fashion-mnist")}
 # What a run trained: a resumed run must keep these (epochs, schedule, lr, ... may change).
 FIXED_ON_RESUME = ("model", "quantization", "ring_size", "ring_type", "ring_layout",
-                   "interpolation", "sigma", "dataset", "val_split", "subset", "seed",
+                   "interpolation", "sigma", "fp32_first_layer", "dataset", "val_split", "subset", "seed",
                    "batch_size", "loader", "momentum", "weight_decay", "position_weight_decay",
                    "position_lr_scale", "position_lr_fan_in", "select_mode")
 
@@ -296,6 +299,8 @@ def model_config(cfg, num_classes=10, in_channels=None, image_size=None):
     keys = ("model", "quantization", "ring_size", "ring_type", "ring_layout", "interpolation",
             "sigma")
     out = {k: cfg[k] for k in keys}
+    if cfg.get("fp32_first_layer") and cfg["quantization"] == "ring":
+        out["fp32_first_layer"] = True  # absent otherwise: earlier checkpoints stay comparable
     out["num_classes"] = num_classes
     if in_channels is not None:
         out["in_channels"] = in_channels

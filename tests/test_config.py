@@ -29,6 +29,14 @@ def test_empty_yaml_is_no_options(tmp_path):
     assert config_lib.load_yaml(config) == {}
 
 
+def test_model_config_names_fp32_first_layer_only_when_it_applies():
+    keys = set(config_lib.model_config(resolved([])))
+    assert "fp32_first_layer" not in keys  # earlier checkpoints' model configs stay equal
+    assert config_lib.model_config(resolved(["--fp32-first-layer"]))["fp32_first_layer"] is True
+    fp32 = resolved(["--fp32-first-layer", "--quantization", "none"])
+    assert "fp32_first_layer" not in config_lib.model_config(fp32)
+
+
 def test_saved_config_loads_back(tmp_path):
     cfg = resolved(["--val-split", 10, "--sigma", 0.7])
     config_lib.save_yaml(cfg, tmp_path / "config.yaml")

@@ -51,6 +51,31 @@ def test_mnist_nets(name, quantization):
     assert bool(ring_layers(model)) == (quantization == "ring")
 
 
+@pytest.mark.parametrize("name, first", [("resnet20", "conv1"), ("lenet", "features.0"),
+                                         ("mlp", "features.1")])
+def test_fp32_first_layer_replaces_only_the_first_ring_layer(name, first):
+    config = dict(model=name, quantization="ring", ring_size=4)
+    ring = build_model(config)
+    mixed = build_model(dict(config, fp32_first_layer=True))
+    names = [n for n, _ in ring_layers(ring)]
+    assert names[0] == first
+    assert [n for n, _ in ring_layers(mixed)] == names[1:]
+    plain = mixed.get_submodule(first)
+    assert type(plain) in (nn.Conv2d, nn.Linear)
+    assert plain.weight.numel() == ring.get_submodule(first).positions.numel()
+    assert count_parameters(mixed) == count_parameters(ring)
+    shape = (2, 3, 32, 32) if name == "resnet20" else (2, 1, 28, 28)
+    assert mixed(torch.randn(shape)).shape == (2, 10)
+
+
+def test_fp32_first_layer_in_resnet_takes_the_resnet_init():
+    torch.manual_seed(0)
+    model = build_model(dict(model="resnet20", quantization="ring", ring_size=4,
+                             fp32_first_layer=True))
+    fan_out = 16 * 3 * 3  # kaiming normal, fan-out mode, as every FP32 ResNet conv
+    assert model.conv1.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.15)
+
+
 def test_unknown_model_and_quantization():
     with pytest.raises(ValueError):
         build_model(dict(model="vgg", quantization="none"))

@@ -145,6 +145,7 @@ def resnet_ring4(tmp_path_factory):
     (dict(model="resnet20", quantization="ring", ring_size=4), 1),
     (dict(model="resnet20", quantization="ring", ring_size=8), 2),
     (dict(model="lenet", quantization="ring", ring_size=8, ring_layout="distinct"), 3),
+    (dict(RESNET_RING4, fp32_first_layer=True), 2),
     (dict(model="mlp", quantization="ring", ring_size=16, ring_type="sin",
           ring_layout="distinct", num_classes=7), 4),
     (dict(model="mlp", quantization="ring", ring_size=256, ring_layout="distinct"), 8),
