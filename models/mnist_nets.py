@@ -16,7 +16,8 @@ class MLP(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             nn.Flatten(),
-            (first_linear or linear)(in_channels * image_size * image_size, 512), nn.BatchNorm1d(512), nn.ReLU(),
+            (first_linear or linear)(in_channels * image_size * image_size, 512),
+            nn.BatchNorm1d(512), nn.ReLU(),
             linear(512, 256), nn.BatchNorm1d(256), nn.ReLU(),
         )
         self.classifier = nn.Linear(256, num_classes)
@@ -33,7 +34,8 @@ class LeNet(nn.Module):
         super().__init__()
         side = ((image_size - 4) // 2 - 4) // 2
         self.features = nn.Sequential(
-            (first_conv or conv)(in_channels, 20, 5, 1, 0), nn.BatchNorm2d(20), nn.ReLU(), nn.MaxPool2d(2),
+            (first_conv or conv)(in_channels, 20, 5, 1, 0),
+            nn.BatchNorm2d(20), nn.ReLU(), nn.MaxPool2d(2),
             conv(20, 50, 5, 1, 0), nn.BatchNorm2d(50), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(),
             linear(50 * side * side, 500), nn.BatchNorm1d(500), nn.ReLU(),

@@ -134,9 +134,10 @@ TASK_MODELS = {"cifar10": CIFAR_MODELS, "mnist": MNIST_MODELS}
 TASK_DATASETS = {"cifar10": ("cifar10",), "mnist": ("mnist", "fashion-mnist")}
 # What a run trained: a resumed run must keep these (epochs, schedule, lr, ... may change).
 FIXED_ON_RESUME = ("model", "quantization", "ring_size", "ring_type", "ring_layout",
-                   "interpolation", "sigma", "fp32_first_layer", "dataset", "val_split", "subset", "seed",
-                   "batch_size", "loader", "momentum", "weight_decay", "position_weight_decay",
-                   "position_lr_scale", "position_lr_fan_in", "select_mode")
+                   "interpolation", "sigma", "fp32_first_layer", "dataset", "val_split",
+                   "subset", "seed", "batch_size", "loader", "momentum", "weight_decay",
+                   "position_weight_decay", "position_lr_scale", "position_lr_fan_in",
+                   "select_mode")
 
 
 def _flag(name):

@@ -40,7 +40,7 @@ def init_distributed(device_type):
     return DistInfo(rank, world_size, local_rank)
 
 
-def cleanup(finished=True):
+def cleanup(finished):
     """Tear the process group down; ``finished`` runs wait for every process first.
 
     Waiting matters: a gloo process that destroys its group while a peer is
