@@ -50,6 +50,7 @@ def format_report(report):
     by_bits = Counter(report["bits_per_layer"].values())
     bits = ", ".join(f"{n} layer{'s' * (n > 1)} at {b} bit{'s' * (b > 1)}"
                      for b, n in sorted(by_bits.items()))
+    weights = report["quantized_weights"]
     return "\n".join([
         f"packed {report['output']}" + (" (float16 raw tensors)" if report["half"] else ""),
         f"  file bytes:            {report['file_bytes']:,}",
@@ -58,6 +59,8 @@ def format_report(report):
         f"  quantized layers:      {report['quantized_layers_ratio']:.2f}x "
         f"({report['quantized_weights']:,} weights)",
         f"  bits per layer:        {bits}",
+        f"  level entropy:         {report['quantized_entropy_bits'] / weights:.2f} bits per "
+        f"quantized weight (stored at {report['quantized_bits'] / weights:.2f})",
     ])
 
 

@@ -130,14 +130,45 @@ def level_table(ring):
     return values[first[order]], first[order].astype(np.int64), rank[inverse.reshape(-1)]
 
 
+def level_indices(layer):
+    """(levels float32 [L], ring_indices int64 [L], level index of every weight int64 [count]).
+
+    ``levels`` and ``ring_indices`` are the layer's :func:`level_table`; the
+    weights are read in the order of ``positions.reshape(-1)``.
+    """
+    levels, ring_indices, level_of = level_table(layer.ring_template)
+    return levels, ring_indices, level_of[layer.hard_indices().cpu().numpy().reshape(-1)]
+
+
+def entropy_bits(counts):
+    """Shannon entropy, in bits per weight, of a level histogram (counts >= 0, not all 0).
+
+    The information a layer's hard weights really carry: log2(L) when all L
+    levels are used equally, less when some dominate, 0 when one level holds all.
+    """
+    p = np.asarray(counts, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return float(np.sum(p * np.log2(1 / p)))
+
+
+def value_entropy_bits(levels, counts, tol=1e-6):
+    """:func:`entropy_bits` of a level histogram with levels closer than ``tol`` merged.
+
+    levels: sorted level values [L]; counts: weights per level [L]. A ring may
+    hold one value under two bit patterns (two packing levels, one weight value);
+    the entropy counts values, as :func:`models.ring_math.distinct_values` does.
+    """
+    starts = np.flatnonzero(np.diff(np.asarray(levels, dtype=np.float64), prepend=-np.inf) > tol)
+    return entropy_bits(np.add.reduceat(np.asarray(counts), starts))
+
+
 def _pack_layer(name, layer, ring_id):
     """Header record (offset not set yet) and packed bytes of one ring layer."""
-    levels, ring_indices, level_of = level_table(layer.ring_template)
+    levels, ring_indices, indices = level_indices(layer)
     if levels.size > 1 << MAX_BITS:
         raise ValueError(f"{name}: {levels.size} distinct ring values, "
                          f"at most {1 << MAX_BITS} can be packed")
     bits = max(1, (levels.size - 1).bit_length())
-    indices = level_of[layer.hard_indices().cpu().numpy().reshape(-1)]
     record = {"name": name, "kind": "packed", "dtype": "float32",
               "shape": list(layer.positions.shape), "count": int(indices.size), "bits": bits,
               "levels": levels.tolist(), "ring_indices": ring_indices.tolist(), "ring": ring_id}
@@ -422,6 +453,10 @@ def size_report(model, packed_path):
     per ring weight (positions) and no ring buffer. ratio =
     fp32_state_dict_bytes / file_bytes; quantized_layers_ratio = 32 *
     quantized_weights / sum over ring layers of bits * count (padding excluded).
+    level_counts_per_layer: weights per level (levels sorted by value, as in
+    ``levels_per_layer``); entropy_bits_per_layer: :func:`value_entropy_bits` of
+    those counts; quantized_entropy_bits: sum over ring layers of entropy * count, the
+    bits an ideal entropy coder would need for the quantized layers.
     """
     try:
         header, _ = _read_packed(packed_path)
@@ -436,9 +471,15 @@ def size_report(model, packed_path):
     file_bytes = os.path.getsize(packed_path)
     weights = sum(r["count"] for r in packed)
     bits = sum(r["bits"] * r["count"] for r in packed)
+    counts = {name: np.bincount(level_indices(layer)[2], minlength=len(r["levels"]))
+              for (name, layer), r in zip(layers, packed)}
+    entropy = {r["name"]: value_entropy_bits(r["levels"], counts[r["name"]]) for r in packed}
     return {"file_bytes": file_bytes, "fp32_state_dict_bytes": fp32_bytes,
             "ratio": fp32_bytes / file_bytes, "quantized_weights": weights,
             "quantized_bits": bits, "quantized_layers_ratio": 32 * weights / bits,
             "bits_per_layer": {r["name"]: r["bits"] for r in packed},
             "levels_per_layer": {r["name"]: r["levels"] for r in packed},
+            "level_counts_per_layer": {name: c.tolist() for name, c in counts.items()},
+            "entropy_bits_per_layer": entropy,
+            "quantized_entropy_bits": sum(entropy[r["name"]] * r["count"] for r in packed),
             "half": header["half"]}

@@ -13,8 +13,9 @@ from models import build_model
 from models.ring_math import hard_indices, ring_values, snap_to_ring
 from models.utils import ring_layers, set_weight_mode
 from ringq.errors import CheckpointError
-from ringq.packing import (export_packed, is_packed_file, level_table, load_packed, pack_bits,
-                           size_report, unpack_bits)
+from ringq.packing import (entropy_bits, export_packed, is_packed_file, level_indices,
+                           level_table, load_packed, pack_bits, size_report, unpack_bits,
+                           value_entropy_bits)
 from ringq.runtime import run_cli
 from run_helpers import exit_code
 
@@ -88,6 +89,35 @@ def test_level_table_separates_bit_patterns():
     ring = torch.tensor([0.0, -0.0, 1.0, np.nextafter(np.float32(1), np.float32(2))])
     levels, _, level_of = level_table(ring)
     assert len(levels) == 4 and sorted(level_of.tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("counts, bits", [
+    ([5, 5, 5, 5], 2.0), ([7, 0, 0, 0], 0.0), ([1, 1], 1.0), ([2, 2, 0, 0, 2, 2, 0, 0], 2.0),
+    ([3, 1], 0.75 * np.log2(4 / 3) + 0.25 * 2),
+])
+def test_entropy_bits(counts, bits):
+    assert entropy_bits(counts) == pytest.approx(bits, abs=1e-12)
+    assert np.copysign(1.0, entropy_bits(counts)) == 1.0
+
+
+def test_value_entropy_merges_one_value_stored_twice():
+    third = np.float32(1 / 3)
+    levels = [-1.0, third, np.nextafter(third, np.float32(1)), 1.0]
+    assert value_entropy_bits(levels, [2, 1, 1, 0]) == pytest.approx(1.0)
+    assert value_entropy_bits([-1.0, -0.5, 0.5, 1.0], [1, 1, 1, 1]) == pytest.approx(2.0)
+
+
+def test_level_indices_follow_sorted_levels():
+    layer = ring_layers(build_model(dict(model="mlp", quantization="ring", ring_size=4,
+                                         ring_layout="distinct")))[0][1]
+    with torch.no_grad():
+        layer.positions.zero_()
+        layer.positions.view(-1)[:7] = torch.tensor([0, 0, 1, 2, 3, 3, 3]) / 4
+    levels, ring_indices, indices = level_indices(layer)
+    assert levels.tolist() == [-0.75, -0.25, 0.25, 0.75]
+    assert ring_indices.tolist() == [0, 3, 1, 2]
+    assert indices[:7].tolist() == [0, 0, 2, 3, 1, 1, 1] and indices.size == layer.positions.numel()
+    assert (indices[7:] == 0).all()
 
 
 def test_index_positions_round_back():
@@ -214,6 +244,16 @@ def test_size_report_resnet20_ring4(resnet_ring4):
     assert report["ratio"] == report["fp32_state_dict_bytes"] / report["file_bytes"]
     assert set(report["bits_per_layer"].values()) == {2}
     assert all(len(levels) == 4 for levels in report["levels_per_layer"].values())
+    for name, layer in ring_layers(model):
+        counts = report["level_counts_per_layer"][name]
+        values = snap_to_ring(layer.positions, layer.ring_template)
+        assert counts == [int((values == v).sum()) for v in report["levels_per_layer"][name]]
+        assert report["entropy_bits_per_layer"][name] == entropy_bits(counts)
+        assert 1.9 < report["entropy_bits_per_layer"][name] <= 2
+    entropy = report["entropy_bits_per_layer"]
+    assert report["quantized_entropy_bits"] == pytest.approx(
+        sum(entropy[name] * m.positions.numel() for name, m in ring_layers(model)))
+    assert report["quantized_entropy_bits"] <= report["quantized_bits"]
 
 
 def test_size_report_refuses_other_model(resnet_ring4):
@@ -406,6 +446,9 @@ def test_cli_exports_and_reports(monkeypatch, tmp_path, capsys, export_cli, resn
                    "--json", str(report)) == 0
     printed = capsys.readouterr().out
     assert "file bytes" in printed and "16.00x" in printed and "21 layers at 2 bits" in printed
+    entropy = size_report(model, out)["quantized_entropy_bits"] / 270_256
+    assert f"level entropy:         {entropy:.2f} bits per quantized weight (stored at 2.00)" \
+        in printed
     numbers = json.loads(report.read_text())
     assert numbers["file_bytes"] == out.stat().st_size
     assert numbers["quantized_layers_ratio"] == 16

@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT, SHARED
 from models.utils import ring_summary
 from ringq.checkpoint import infer_config, load_model_from_checkpoint, safe_load
+from ringq.packing import export_packed, size_report
 
 FILES = {"fp32": "best_resnet20_none.pth", "ring4": "best_ResNet20_ring4.pth",
          "ring8": "best_ResNet20_ring8.pth"}
@@ -47,6 +48,20 @@ def test_inferred_ring_facts(upstream_dir):
         assert s["num_distinct_values"] == n // 2 and s["effective_bits"] == n.bit_length() - 2
     fp32 = safe_load(upstream_dir / FILES["fp32"])["model_state_dict"]
     assert infer_config(fp32)["quantization"] == "none"
+
+
+def test_level_entropy_of_packed_originals(upstream_dir, tmp_path):
+    """The original weights carry fewer bits than they are named for: 0.87 of 2, 1.57 of 3.
+
+    Their rings hold some values under two bit patterns, so they pack at 2 and 3 bits.
+    """
+    for n, stored, entropy in ((4, 2, 0.87), (8, 3, 1.57)):
+        model, config, _ = load_model_from_checkpoint(upstream_dir / FILES[f"ring{n}"])
+        export_packed(model, config, tmp_path / f"ring{n}.rqp")
+        report = size_report(model, tmp_path / f"ring{n}.rqp")
+        weights = report["quantized_weights"]
+        assert report["quantized_bits"] == stored * weights
+        assert report["quantized_entropy_bits"] / weights == pytest.approx(entropy, abs=0.005)
 
 
 @pytest.fixture(scope="module")
