@@ -57,7 +57,7 @@ def format_report(report):
         f"  FP32 state-dict bytes: {report['fp32_state_dict_bytes']:,}",
         f"  overall ratio:         {report['ratio']:.2f}x",
         f"  quantized layers:      {report['quantized_layers_ratio']:.2f}x "
-        f"({report['quantized_weights']:,} weights)",
+        f"({weights:,} weights)",
         f"  bits per layer:        {bits}",
         f"  level entropy:         {report['quantized_entropy_bits'] / weights:.2f} bits per "
         f"quantized weight (stored at {report['quantized_bits'] / weights:.2f})",

@@ -15,6 +15,9 @@ RING_TYPES = ("triangle", "sin")
 RING_LAYOUTS = ("published", "distinct")
 INTERPOLATIONS = ("gaussian", "linear")
 
+# Ring values closer than this are one weight value (float rounding of one level).
+SAME_VALUE_TOL = 1e-6
+
 # Positions handled per step inside the memory-lean interpolation, so that its
 # temporaries stay at a few MB whatever the layer size.
 _CHUNK = 1 << 18
@@ -55,7 +58,7 @@ def default_sigma(ring_size):
     return max(0.5, ring_size / 32.0)
 
 
-def distinct_values(ring, tol=1e-6):
+def distinct_values(ring, tol=SAME_VALUE_TOL):
     """Sorted distinct values of a ring (1-D tensor); values closer than ``tol`` count once.
 
     The tolerance absorbs float rounding: a float32 ``linspace`` ring can hold

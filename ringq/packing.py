@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from models import build_model
-from models.ring_math import hard_indices
+from models.ring_math import SAME_VALUE_TOL, hard_indices
 from models.utils import ring_layers, set_weight_mode
 
 from .checkpoint import write_atomic
@@ -151,7 +151,7 @@ def entropy_bits(counts):
     return float(np.sum(p * np.log2(1 / p)))
 
 
-def value_entropy_bits(levels, counts, tol=1e-6):
+def value_entropy_bits(levels, counts, tol=SAME_VALUE_TOL):
     """:func:`entropy_bits` of a level histogram with levels closer than ``tol`` merged.
 
     levels: sorted level values [L]; counts: weights per level [L]. A ring may
