@@ -18,6 +18,7 @@ from models.ring_math import INTERPOLATIONS, RING_LAYOUTS, RING_TYPES
 
 from .checkpoint import write_text_atomic
 from .errors import RingqError
+from .precision import PRECISIONS
 
 DATASETS = ("cifar10", "mnist", "fashion-mnist")
 
@@ -117,8 +118,12 @@ OPTIONS = [
            "the step", choices=("stop", "skip-step")),
     # system
     Option("device", str, "auto", "auto, cpu or cuda (cuda:N)"),
-    Option("amp", bool, False, "bf16 autocast on CUDA"),
-    Option("channels_last", bool, False, "channels-last memory layout"),
+    Option("precision", str, "fp32", "training precision: 'bf16' autocast (refused where the "
+           "hardware lacks native bf16), 'fp32', or 'auto' (bf16 where native, else fp32); "
+           "reported accuracies are always computed in FP32", choices=PRECISIONS),
+    Option("channels_last", bool, False, "channels-last memory layout (training and evaluation)"),
+    Option("deterministic", bool, False, "deterministic algorithms (cuDNN benchmark off, "
+           "CUBLAS_WORKSPACE_CONFIG set): bit-identical resumes on CUDA too"),
     Option("compile", bool, False, "torch.compile the model"),
     Option("output_dir", str, None, "run directory (default: runs/<name>)"),
     Option("quiet", bool, False, "no progress bars"),

@@ -458,6 +458,12 @@ class InMemoryLoader:
         n = self.labels.numel()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def global_batch_sizes(self):
+        """Images per step of an epoch, summed over all processes: a list of len(self) ints."""
+        n = self.labels.numel()
+        return [min(self.batch_size, n - start)
+                for start in range(0, len(self) * self.batch_size, self.batch_size)]
+
     def __iter__(self):
         n = self.labels.numel()
         dev = self.images.device
@@ -498,7 +504,7 @@ def image_transform(size, mean, std, augment):
 
 class TorchvisionLoader(DataLoader):
     """DataLoader over an ArrayDataset with per-image torchvision transforms; yields CPU batches
-    (pinned when CUDA is available) of batch_size / world_size per rank.
+    (pinned for ``device`` when it is a CUDA device) of batch_size / world_size per rank.
 
     ``set_epoch`` forwards to the DistributedSampler (world_size > 1) and reseeds the generator that
     drives shuffling and the workers' augmentation seeds. Only with workers > 0 is augmentation
@@ -507,20 +513,31 @@ class TorchvisionLoader(DataLoader):
     """
 
     def __init__(self, dataset, batch_size, mean, std, shuffle, augment, seed, workers,
-                 rank=0, world_size=1, drop_last=False):
+                 rank=0, world_size=1, drop_last=False, device="cpu"):
         _check_batching(batch_size, rank, world_size)
         _channel_stats(mean, dataset.images.shape[1], "cpu", "mean")
         _channel_stats(std, dataset.images.shape[1], "cpu", "std")
         self.seed, self.rank, self.world_size = seed, rank, world_size
         wrapped = _TransformedArrays(dataset.images, dataset.labels,
                                      image_transform(tuple(dataset.images.shape[2:]), mean, std, augment))
+        pinned = torch.device(device).type == "cuda"
         sampler = (DistributedSampler(wrapped, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                       seed=seed, drop_last=drop_last) if world_size > 1 else None)
         super().__init__(wrapped, batch_size=batch_size // world_size,
                          shuffle=shuffle if sampler is None else None, sampler=sampler,
-                         num_workers=workers, pin_memory=torch.cuda.is_available(),
-                         drop_last=drop_last, generator=torch.Generator())
+                         num_workers=workers, pin_memory=pinned,
+                         pin_memory_device=str(device) if pinned else "", drop_last=drop_last, generator=torch.Generator())
         self.set_epoch(0)
+
+    def global_batch_sizes(self):
+        """Images per step of an epoch, summed over all processes: a list of len(self) ints.
+
+        Every rank's sampler yields the same number of samples, so each step's
+        global batch is ``world_size`` times the rank's batch.
+        """
+        per_rank = len(self.sampler)
+        return [min(self.batch_size, per_rank - start) * self.world_size
+                for start in range(0, len(self) * self.batch_size, self.batch_size)]
 
     def set_epoch(self, epoch):
         if isinstance(self.sampler, DistributedSampler):
@@ -529,10 +546,10 @@ class TorchvisionLoader(DataLoader):
 
 
 def make_dataloader(dataset, batch_size, mean, std, shuffle, augment, seed, workers,
-                    rank=0, world_size=1, drop_last=False):
+                    rank=0, world_size=1, drop_last=False, device="cpu"):
     """The torchvision path: a TorchvisionLoader (a DataLoader with ``set_epoch``) over ``dataset``."""
     return TorchvisionLoader(dataset, batch_size, mean, std, shuffle, augment, seed, workers,
-                             rank=rank, world_size=world_size, drop_last=drop_last)
+                             rank=rank, world_size=world_size, drop_last=drop_last, device=device)
 
 
 def make_loader(kind, dataset, batch_size, mean, std, device, shuffle, augment, seed,
@@ -540,7 +557,7 @@ def make_loader(kind, dataset, batch_size, mean, std, device, shuffle, augment, 
     """Loader of ``kind`` over ArrayDataset ``dataset``; ``batch_size`` is the global batch.
 
     "memory": InMemoryLoader, batches already on ``device`` (``workers`` unused).
-    "torchvision": TorchvisionLoader, CPU batches (``device`` unused): move them with
+    "torchvision": TorchvisionLoader, CPU batches (pinned when ``device`` is CUDA): move them with
     ``.to(device, non_blocking=True)``, a no-op for the memory loader's. Both have ``set_epoch``
     and ``__len__``.
     """
@@ -549,5 +566,6 @@ def make_loader(kind, dataset, batch_size, mean, std, device, shuffle, augment, 
                               augment, seed, drop_last=drop_last, rank=rank, world_size=world_size)
     if kind == "torchvision":
         return make_dataloader(dataset, batch_size, mean, std, shuffle, augment, seed, workers,
-                               rank=rank, world_size=world_size, drop_last=drop_last)
+                               rank=rank, world_size=world_size, drop_last=drop_last,
+                               device=device)
     raise DataError(f"unknown loader kind {kind!r}; choose one of {', '.join(LOADER_KINDS)}")

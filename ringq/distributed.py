@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .errors import DataError
+
 
 @dataclass
 class DistInfo:
@@ -60,6 +62,41 @@ def all_reduce_sum(values, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def local_rank_first(dist_info, device, load):
+    """``load()`` on every process, local rank 0 first (it alone downloads what is missing).
+
+    The other processes wait in a collective until every local rank 0 has
+    finished, then load what is now on disk. If a local rank 0 fails, it
+    raises its own error and the others raise a DataError instead of waiting.
+    """
+    if not dist_info.enabled:
+        return load()
+    first = dist_info.local_rank == 0
+    result, error = None, None
+    if first:
+        try:
+            result = load()
+        except Exception as e:  # re-raised below, once the others know
+            error = e
+    failed = all_reduce_sum([float(error is not None)], device)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise DataError(f"loading the data failed on {int(failed)} local rank 0 process(es); "
+                        f"see their error")
+    return result if first else load()
+
+
+def all_reduce_tensor(t):
+    """Sum tensor ``t`` over all processes in place and return it (``t`` when not distributed).
+
+    Stays on the device: no host sync.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -1,5 +1,4 @@
 """Training and evaluation loops."""
-import contextlib
 import math
 import signal
 
@@ -11,8 +10,9 @@ from tqdm import tqdm
 
 from models.utils import clamp_positions, ring_layers, set_sigma, set_weight_mode, weight_mode
 
-from .distributed import all_reduce_sum, unwrap
+from .distributed import all_reduce_sum, all_reduce_tensor, unwrap
 from .errors import RingqError
+from .precision import autocast, strict_fp32
 from .runtime import EXIT_INTERRUPTED
 
 
@@ -59,11 +59,11 @@ class StopSignals:
         return False
 
 
-def autocast(device, enabled):
-    """bf16 autocast context on CUDA when ``enabled``; a no-op otherwise."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def to_layout(x, channels_last):
+    """``x`` in channels-last memory format when asked and 4-D (images), else unchanged."""
+    if channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def lr_at(cfg, epoch):
@@ -96,24 +96,23 @@ def apply_epoch_schedule(model, cfg, base_sigma, epoch):
         set_weight_mode(model, train_mode_at(cfg, epoch))
 
 
-def _forward_backward(model, params, x, y, optimizer, cfg, device, max_norm):
-    """Gradients of one batch: (logits, summed loss of this share, finite: loss and grad norm).
+def _forward_backward(model, params, x, y, optimizer, cfg, precision, max_norm, scale):
+    """Gradients of one batch: (logits, summed loss of this share, finite flag), all on the device.
 
-    The loss is scaled so that, after DDP averages gradients over W processes,
-    they are those of the mean loss over the global batch, also when the
-    processes hold unequal (or empty) shares of a final partial batch.
+    The summed loss is multiplied by ``scale`` = processes / global batch size,
+    so that, after DDP averages gradients over the processes, they are those of
+    the mean loss over the global batch, also when the processes hold unequal
+    (or empty) shares of a final partial batch. The finite flag (bool, 0-dim)
+    is True when the loss and the gradient norm are finite; nothing is read
+    back to the host here.
     """
-    if cfg["channels_last"] and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, cfg["amp"]):
-        logits = model(x)
-        loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    global_count = all_reduce_sum([float(y.numel())], device)[0]
+    with autocast(x.device, precision):
+        logits = model(to_layout(x, cfg["channels_last"]))
+    loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
     optimizer.zero_grad(set_to_none=True)
-    (loss_sum * (world / global_count)).backward()
+    (loss_sum * scale).backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
-    return logits, loss_sum.detach(), bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
+    return logits.detach(), loss_sum.detach(), torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
 
 
 @torch.no_grad()
@@ -124,77 +123,89 @@ def _undo_forward(model, optimizer, buffers):
         b.copy_(saved)
 
 
-def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, progress=True):
+def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, progress=True,
+                    precision="fp32"):
     """One pass over ``loader``; returns {"loss", "accuracy", "skipped_steps"} (global).
 
+    ``precision``: ``fp32`` or ``bf16`` (autocast of forward and backward).
     After each step positions are clamped to [0, 1]. A non-finite loss or
     gradient norm stops the run (NonFiniteError) or, under ``nan_policy``
     skip-step, leaves weights and buffers as they were before the step. A
     signal caught by ``stop`` raises Interrupted after the step. Both checks
-    agree across processes. Loss and accuracy are NaN if every step was skipped.
+    agree across processes. Each step reads the device once (loss, correct
+    count, finite flag and, under DDP, the signal flag, summed over processes
+    in one collective); the global batch sizes come from the loader. Loss and
+    accuracy are NaN if every step was skipped.
     """
     model.train()
     plain = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg["clip_grad"] if cfg["clip_grad"] > 0 else math.inf
     skip = cfg["nan_policy"] == "skip-step"
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    flags = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)  # no copy per step
     loss_sum = correct = count = skipped = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False,
                dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar, 1):
+    for step, ((x, y), global_size) in enumerate(zip(bar, loader.global_batch_sizes()), 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         buffers = [b.clone() for b in plain.buffers()] if skip else None
-        logits, batch_loss, finite = _forward_backward(model, params, x, y, optimizer, cfg, device,
-                                                 max_norm)
-        signalled = stop is not None and stop.received is not None
-        bad, signalled = (v > 0 for v in all_reduce_sum([float(not finite), float(signalled)],
-                                                         device))
+        logits, batch_loss, finite = _forward_backward(model, params, x, y, optimizer, cfg,
+                                                       precision, max_norm, world / global_size)
+        stats = [batch_loss.double(), (logits.argmax(1) == y).sum().double(),
+                 (~finite).double()]
+        received = stop is not None and stop.received is not None
+        if distributed:
+            stats.append(flags[int(received)])
+        stats = all_reduce_tensor(torch.stack(stats)).tolist()
+        bad, signalled = stats[2] > 0, stats[3] > 0 if distributed else received
         if bad and not skip:
             raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch}, step {step} "
-                                 f"(loss {batch_loss.item() / max(y.numel(), 1):.4g}); stopped (lower --lr, or pass "
-                                 f"--nan-policy skip-step to skip such steps)")
+                                 f"(loss {stats[0] / global_size:.4g}); stopped (lower --lr, or "
+                                 f"pass --nan-policy skip-step to skip such steps)")
         if bad:
             skipped += 1
             _undo_forward(plain, optimizer, buffers)
         else:
             optimizer.step()
             clamp_positions(plain)
-            n = y.numel()
-            loss_sum += batch_loss.item()
-            correct += (logits.argmax(1) == y).sum().item()
-            count += n
-            if count:
-                bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.2f}")
+            loss_sum += stats[0]
+            correct += stats[1]
+            count += global_size
+            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.2f}",
+                            refresh=False)
         if signalled:
             raise Interrupted(f"{stop.received or 'a signal'} received at epoch {epoch}, "
                               f"step {step}")
-    loss_sum, correct, count, skipped = all_reduce_sum([loss_sum, correct, count, skipped], device)
     return {"loss": loss_sum / count if count else math.nan,
             "accuracy": 100.0 * correct / count if count else math.nan,
             "skipped_steps": int(skipped)}
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, mode=None, amp=False, progress=False, desc="eval"):
-    """Mean loss and accuracy (percent) of ``model`` over ``loader``.
+def evaluate(model, loader, device, mode=None, channels_last=False, progress=False,
+             desc="eval"):
+    """Mean loss and accuracy (percent) of ``model`` over ``loader``, computed in FP32 (no
+    autocast, no TF32).
 
     mode: ``soft``, ``hard`` or None (FP32 model / keep the current mode).
     Ring weights are computed once for the pass (cached while positions stay
-    unchanged). Results are summed over processes.
+    unchanged). Sums stay on the device until the end; results are summed
+    over processes.
     """
     model.eval()
-    loss_sum = correct = count = 0
-    with weight_mode(unwrap(model), mode):
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    with weight_mode(unwrap(model), mode), strict_fp32():
         for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             if y.numel() == 0:
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, amp):
-                logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            count += y.numel()
-    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], device)
+            logits = model(to_layout(x, channels_last)).float()
+            totals[0] += F.cross_entropy(logits, y, reduction="sum")
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += y.numel()
+    loss_sum, correct, count = all_reduce_tensor(totals).tolist()
     return {"loss": loss_sum / max(count, 1), "accuracy": 100.0 * correct / max(count, 1),
             "num_examples": int(count)}
 
@@ -236,8 +247,8 @@ def eval_modes(model):
     return ("soft", "hard") if ring_layers(unwrap(model)) else ("fp32",)
 
 
-def evaluate_all_modes(model, loader, device, amp=False, progress=False):
+def evaluate_all_modes(model, loader, device, channels_last=False, progress=False):
     """{mode: evaluate(...)} for every mode of :func:`eval_modes`."""
-    return {mode: evaluate(model, loader, device, None if mode == "fp32" else mode, amp,
-                           progress, desc=f"eval {mode}")
+    return {mode: evaluate(model, loader, device, None if mode == "fp32" else mode,
+                           channels_last, progress, desc=f"eval {mode}")
             for mode in eval_modes(model)}

@@ -1,5 +1,6 @@
 """Process-level helpers shared by the CLI scripts: devices, seeds, error exits."""
 import argparse
+import contextlib
 import os
 import platform
 import random
@@ -38,6 +39,30 @@ def resolve_device(name):
             raise RingqError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices")
         return device
     raise RingqError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
+@contextlib.contextmanager
+def determinism(deterministic, device):
+    """Run a block with deterministic algorithms (or cuDNN autotuning on CUDA), then restore.
+
+    ``deterministic``: torch.use_deterministic_algorithms, cuDNN benchmark off
+    and deterministic, and CUBLAS_WORKSPACE_CONFIG=:4096:8 (set before the first
+    cuBLAS call, unless already set). Otherwise cuDNN picks the fastest kernels
+    (benchmark on), which may differ from run to run.
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                torch.backends.cudnn.deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[1:]
 
 
 def seed_everything(seed):

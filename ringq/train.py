@@ -28,11 +28,12 @@ from . import config as config_lib
 from . import data as data_lib
 from .checkpoint import (FORMAT, load_state, remove_stale_temps, safe_load, save_atomic,
                          write_text_atomic)
-from .distributed import cleanup, convert_batchnorm, init_distributed, unwrap
+from .distributed import cleanup, convert_batchnorm, init_distributed, local_rank_first, unwrap
 from .engine import (Interrupted, NonFiniteError, StopSignals, apply_epoch_schedule, evaluate,
                      evaluate_all_modes, lr_at, sigma_at, train_mode_at, train_one_epoch)
 from .errors import CheckpointError, DataError, RingqError
-from .runtime import (ArgumentParser, library_versions, resolve_device, run_cli,
+from .precision import resolve_precision
+from .runtime import (ArgumentParser, determinism, library_versions, resolve_device, run_cli,
                       seed_everything)
 
 TASK_TITLES = {"cifar10": "Train a ring-quantized (or FP32) ResNet on CIFAR-10.",
@@ -166,8 +167,9 @@ def load_datasets(cfg, dist_info, device):
     """
     data_dir = cfg["data_dir"]
     check_data_dir(data_dir)
-    train = data_lib.load_split(cfg["dataset"], data_dir, "train", download=cfg["download"])
-    test = data_lib.load_split(cfg["dataset"], data_dir, "test", download=cfg["download"])
+    train, test = local_rank_first(dist_info, device, lambda: tuple(
+        data_lib.load_split(cfg["dataset"], data_dir, split, download=cfg["download"])
+        for split in ("train", "test")))
     val = None
     if cfg["val_split"]:
         if cfg["val_split"] >= len(train):
@@ -308,6 +310,7 @@ class _Run(NamedTuple):
     base_sigma: float
     summary: dict
     device: torch.device
+    precision: str
     dist_info: object
     stop: StopSignals
 
@@ -318,17 +321,17 @@ def train(cfg, resume, task, overwrite=False):
     ``overwrite`` allows replacing the run in a non-empty output directory.
     """
     device = resolve_device(cfg["device"])
+    precision = resolve_precision(cfg["precision"], device)
     dist_info = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank if dist_info.enabled
                               else (device.index or 0))
-        torch.backends.cudnn.benchmark = True
     out = Path(cfg["output_dir"])
     finished = False
     try:
         _check_output_dir(out, resume, overwrite)
-        with StopSignals() as stop:
-            final = _train(cfg, resume, overwrite, out, device, dist_info, stop)
+        with StopSignals() as stop, determinism(cfg["deterministic"], device):
+            final = _train(cfg, resume, overwrite, out, device, precision, dist_info, stop)
         finished = True
         return final
     except (Interrupted, NonFiniteError) as e:
@@ -337,7 +340,7 @@ def train(cfg, resume, task, overwrite=False):
         cleanup(finished)
 
 
-def _setup(cfg, resume, overwrite, out, device, dist_info, stop):
+def _setup(cfg, resume, overwrite, out, device, precision, dist_info, stop):
     """Load data, build (or restore) model and optimizer, prepare ``out``.
 
     Returns (run, history, best, first epoch, torch RNG state to start from or None).
@@ -350,7 +353,7 @@ def _setup(cfg, resume, overwrite, out, device, dist_info, stop):
     history, best, start_epoch, rng = [], {"epoch": 0, "accuracy": -1.0}, 1, None
     if resume is not None:
         history, best, start_epoch, rng = _restore(resume, model, optimizer, mcfg)
-    cfg = {**cfg, "versions": library_versions()}
+    cfg = {**cfg, "precision_used": precision, "versions": library_versions()}
     model = _wrap(model, cfg, device, dist_info)
     train_loader, eval_loaders = make_loaders(cfg, train_set, val_set, test_set, dist_info, device)
     if dist_info.is_main:
@@ -359,13 +362,13 @@ def _setup(cfg, resume, overwrite, out, device, dist_info, stop):
          + (f"ring-{summary['ring_size']} ({summary['num_distinct_values']} distinct values, "
             f"{summary['effective_bits']:.2f} effective bits)" if summary else "FP32")
          + f", {count_parameters(unwrap(model)):,} parameters, {len(train_set)} training images, "
-         f"device {device}, {dist_info.world_size} process(es)")
+         f"device {device} ({precision}), {dist_info.world_size} process(es)")
     select_split = "val" if val_set is not None else "test"
     if select_split == "test":
         _log(dist_info, "model selection on the TEST split (published protocol); pass "
                         "--val-split N for an honest held-out selection")
     run = _Run(cfg, mcfg, model, optimizer, train_loader, eval_loaders, select_split,
-               summary["sigma"] if summary else None, summary, device, dist_info, stop)
+               summary["sigma"] if summary else None, summary, device, precision, dist_info, stop)
     return run, history, best, start_epoch, rng
 
 
@@ -379,10 +382,12 @@ def _run_epoch(run, epoch):
     run.train_loader.set_epoch(epoch)
     progress = not cfg["quiet"] and run.dist_info.is_main
     stats = train_one_epoch(run.model, run.train_loader, run.optimizer, cfg, epoch, run.device,
-                            run.stop, progress)
+                            run.stop, progress, run.precision)
     loader = run.eval_loaders[run.select_split]
-    soft = evaluate(run.model, loader, run.device, "soft" if summary else None, cfg["amp"])
-    hard = evaluate(run.model, loader, run.device, "hard", cfg["amp"]) if summary else None
+    soft = evaluate(run.model, loader, run.device, "soft" if summary else None,
+                    cfg["channels_last"])
+    hard = evaluate(run.model, loader, run.device, "hard", cfg["channels_last"]) \
+        if summary else None
     row = {"epoch": epoch, "lr": lr,
            "sigma": f"{sigma_at(cfg, run.base_sigma, epoch):.6g}" if summary else "",
            "weight_mode": train_mode_at(cfg, epoch) if summary else "fp32",
@@ -406,9 +411,9 @@ def _epoch_line(run, row, stats, best):
             + (f" | {stats['skipped_steps']} steps skipped" if stats["skipped_steps"] else ""))
 
 
-def _train(cfg, resume, overwrite, out, device, dist_info, stop):
+def _train(cfg, resume, overwrite, out, device, precision, dist_info, stop):
     run, history, best, start_epoch, rng = _setup(cfg, resume, overwrite, out, device,
-                                                  dist_info, stop)
+                                                  precision, dist_info, stop)
     main_process = dist_info.is_main
     if rng is not None:
         torch.set_rng_state(rng)
@@ -431,7 +436,8 @@ def _train(cfg, resume, overwrite, out, device, dist_info, stop):
             _write_metrics(history, out / "metrics.csv")
         _log(dist_info, _epoch_line(run, row, stats, best))
         _check_stop(stop, device, f"during epoch {epoch}; stopped once it was saved")
-    results = evaluate_all_modes(run.model, run.eval_loaders["test"], device, run.cfg["amp"])
+    results = evaluate_all_modes(run.model, run.eval_loaders["test"], device,
+                                 run.cfg["channels_last"])
     _check_stop(stop, device, "during the final evaluation")
     final = report_dict(unwrap(run.model), run.mcfg, results, checkpoint=str(out / "last.pt"))
     final["best"] = best

@@ -183,6 +183,9 @@ def nan_batch(monkeypatch):
         def __len__(self):
             return len(self.loader)
 
+        def global_batch_sizes(self):
+            return self.loader.global_batch_sizes()
+
         def __iter__(self):
             for step, (x, y) in enumerate(self.loader):
                 if self.epoch == 2 and step == 0:
