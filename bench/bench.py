@@ -44,18 +44,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import build_model  # noqa: E402
 from models.ring_layers import RingLinear, RingQuantizer  # noqa: E402
 from models.ring_math import reference_soft_values, soft_values  # noqa: E402
-from models.utils import clamp_positions, set_weight_mode  # noqa: E402
+from models.utils import set_weight_mode  # noqa: E402
 from ringq import data as data_lib  # noqa: E402
+from ringq.engine import evaluate_all_modes, train_one_epoch  # noqa: E402
+from ringq.precision import resolve_precision  # noqa: E402
 from ringq.runtime import resolve_device  # noqa: E402
 
-TARGETS = {"train_step_ratio": ("<=", 1.10), "interp_memory_ratio": ("<=", 3.0),
+TARGETS = {"train_step_ratio": ("<=", 1.10), "fast_step_fraction": ("<=", 0.42),
+           "fast_epoch_s": ("<=", 50.0), "interp_memory_ratio": ("<=", 3.0),
            "data_path_speedup": (">=", 10.0)}
 FULL = dict(train_batch=128, warmup_steps=2, steps_per_repeat=2, repeats=7, probe_side=4096,
             synthetic_images=50_000, memory_passes=3, torchvision_batches=200,
-            eval_batch=500, eval_batches=2)
+            eval_batch=500, eval_batches=2, epoch_train=45_000, epoch_val=5_000)
 QUICK = dict(train_batch=32, warmup_steps=1, steps_per_repeat=1, repeats=2, probe_side=1024,
              synthetic_images=2048, memory_passes=1, torchvision_batches=4,
-             eval_batch=100, eval_batches=1)
+             eval_batch=100, eval_batches=1, epoch_train=256, epoch_val=64)
 PROBES = ("soft", "soft_cold", "naive")
 PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
@@ -98,39 +101,119 @@ def interleaved_medians(tasks, repeats, device):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def resnet20(quantization, device):
+# ResNet-20 at ring 4 in the k-bit recipe's layout (distinct levels, sigma 2), and FP32
+MODELS = {"ring": dict(model="resnet20", quantization="ring", ring_size=4,
+                       ring_layout="distinct", sigma=2.0),
+          "fp32": dict(model="resnet20", quantization="none")}
+
+
+def resnet20(name, device, channels_last=False):
     torch.manual_seed(0)
-    return build_model(dict(model="resnet20", quantization=quantization, ring_size=8)).to(device)
+    model = build_model(MODELS[name]).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def settings(device):
+    """{name: (precision, channels_last)}: what training did before (FP32, NCHW) and the
+    fast setting (``--precision auto --channels-last``)."""
+    return {"fp32_nchw": ("fp32", False),
+            "fast": (resolve_precision("auto", device), True)}
+
+
+def train_config(channels_last):
+    """The engine's per-step options at the published defaults."""
+    return {"channels_last": channels_last, "clip_grad": 5.0, "nan_policy": "stop"}
+
+
+class FixedBatches:
+    """``count`` copies of one batch (x, y), with the loader interface the engine reads."""
+
+    def __init__(self, x, y, count):
+        self.x, self.y, self.count = x, y, count
+
+    def __iter__(self):
+        return iter([(self.x, self.y)] * self.count)
+
+    def __len__(self):
+        return self.count
+
+    def global_batch_sizes(self):
+        return [self.y.numel()] * self.count
 
 
 # ---- (a) training step ------------------------------------------------------------------------
 
-def train_steps(model, optimizer, x, y, steps):
-    """A function running ``steps`` full training steps (forward, backward, SGD, clamp)."""
-    def run():
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            clamp_positions(model)
-    return run
+def optimizer_for(model):
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
 
 def bench_train_step(device, cfg, repeats):
-    """Median ms per training step of ring and FP32 ResNet-20, and their ratio."""
+    """Median ms per training step (the engine's ``train_one_epoch``) of ring-4 and FP32
+    ResNet-20, in each of :func:`settings`."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg["train_batch"], 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (cfg["train_batch"],), generator=g).to(device)
     tasks = {}
-    for name, quantization in (("ring", "ring"), ("fp32", "none")):
-        model = resnet20(quantization, device).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        train_steps(model, optimizer, x, y, cfg["warmup_steps"])()
-        tasks[name] = train_steps(model, optimizer, x, y, cfg["steps_per_repeat"])
-    per_step = {k: 1000 * v / cfg["steps_per_repeat"]
-                for k, v in interleaved_medians(tasks, repeats, device).items()}
-    return {"train_step_ratio": per_step["ring"] / per_step["fp32"], "train_step_ms": per_step,
-            "train_batch": cfg["train_batch"]}
+    for setting, (precision, channels_last) in settings(device).items():
+        for name in MODELS:
+            model = resnet20(name, device, channels_last)
+            optimizer = optimizer_for(model)
+            opts = train_config(channels_last)
+
+            def steps(count, model=model, optimizer=optimizer, opts=opts, precision=precision):
+                return lambda: train_one_epoch(model, FixedBatches(x, y, count), optimizer, opts,
+                                               1, device, progress=False, precision=precision)
+            steps(cfg["warmup_steps"])()
+            tasks[setting, name] = steps(cfg["steps_per_repeat"])
+    ms = {k: 1000 * v / cfg["steps_per_repeat"]
+          for k, v in interleaved_medians(tasks, repeats, device).items()}
+    per_step = {setting: {name: ms[setting, name] for name in MODELS} for setting in settings(device)}
+    return {"train_step_ratio": per_step["fast"]["ring"] / per_step["fast"]["fp32"],
+            "fast_step_fraction": per_step["fast"]["ring"] / per_step["fp32_nchw"]["ring"],
+            "train_step_ms": per_step, "train_batch": cfg["train_batch"],
+            "fast_precision": settings(device)["fast"][0]}
+
+
+# ---- (e) training epoch -----------------------------------------------------------------------
+
+def epoch_split(data_dir, cfg):
+    """(train, val) ArrayDatasets: CIFAR-10 train from ``data_dir`` less a class-balanced
+    validation split of ``epoch_val`` images, else synthetic images of those sizes."""
+    if data_dir:
+        ds = data_lib.load_split("cifar10", data_dir, "train", download=False)
+        train_idx, val_idx = data_lib.train_val_split(ds.labels, cfg["epoch_val"], 0)
+        return ds.subset(train_idx), ds.subset(val_idx), f"CIFAR-10 train from {data_dir}"
+    ds, source = training_images(None, cfg["epoch_train"] + cfg["epoch_val"])
+    n = cfg["epoch_train"]
+    return ds.subset(torch.arange(n)), ds.subset(torch.arange(n, len(ds))), source
+
+
+def bench_epoch(device, cfg, data_dir):
+    """Seconds of one training epoch plus the validation pass (soft and hard for ring
+    models), as ``train_cifar10.py`` runs them, per model and setting; and the projected
+    200-epoch time in minutes."""
+    train, val, source = epoch_split(data_dir, cfg)
+    mean, std = data_lib.NORMALIZATION["cifar10"]
+    common = dict(mean=mean, std=std, device=device, seed=0)
+    train_loader = data_lib.make_loader("memory", train, 128, shuffle=True, augment=True, **common)
+    val_loader = data_lib.make_loader("memory", val, 256, shuffle=False, augment=False, **common)
+    seconds = {}
+    for setting, (precision, channels_last) in settings(device).items():
+        seconds[setting] = {}
+        for name in MODELS:
+            model = resnet20(name, device, channels_last)
+            optimizer, opts = optimizer_for(model), train_config(channels_last)
+
+            def epoch(model=model, optimizer=optimizer, opts=opts, precision=precision,
+                      channels_last=channels_last):
+                train_one_epoch(model, train_loader, optimizer, opts, 1, device,
+                                progress=False, precision=precision)
+                evaluate_all_modes(model, val_loader, device, channels_last)
+            seconds[setting][name] = timed(epoch, device)
+    return {"epoch_s": seconds, "fast_epoch_s": max(seconds["fast"].values()),
+            "projected_200_epoch_min": {s: {n: 200 * v / 60 for n, v in t.items()}
+                                        for s, t in seconds.items()},
+            "epoch_images": {"train": len(train), "val": len(val)}, "epoch_source": source}
 
 
 # ---- (b) interpolation memory -----------------------------------------------------------------
@@ -286,9 +369,9 @@ def bench_eval(device, cfg, repeats):
     x = torch.randn(cfg["eval_batch"], 3, 32, 32, generator=torch.Generator().manual_seed(0))
     x = x.to(device)
     tasks = {}
-    for mode, quantization in (("soft", "ring"), ("hard", "ring"), ("fp32", "none")):
-        model = resnet20(quantization, device).eval()
-        if quantization == "ring":
+    for mode, name in (("soft", "ring"), ("hard", "ring"), ("fp32", "fp32")):
+        model = resnet20(name, device).eval()
+        if name == "ring":
             set_weight_mode(model, mode)
         eval_batches(model, x, 1)()  # warm-up, fills the ring weight caches
         tasks[mode] = eval_batches(model, x, cfg["eval_batches"])
@@ -327,10 +410,14 @@ def format_environment(env):
 def format_report(r):
     ms, mem, img, ev = (r["train_step_ms"], r["interp_memory_bytes"], r["data_images_per_s"],
                         r["eval_images_per_s"])
+    slow, fast, epoch = ms["fp32_nchw"], ms["fast"], r["epoch_s"]
     mib = 2 ** 20
     rows = [
         ("(a) train step ring/fp32", f"{r['train_step_ratio']:.3f}",
-         f"ring {ms['ring']:.1f} ms, fp32 {ms['fp32']:.1f} ms (batch {r['train_batch']})"),
+         f"fast ({r['fast_precision']}, channels-last): ring-4 {fast['ring']:.1f} ms, "
+         f"fp32 {fast['fp32']:.1f} ms (batch {r['train_batch']})"),
+        ("(a) ring fast / fp32-nchw", f"{r['fast_step_fraction']:.3f}",
+         f"FP32 precision, NCHW: ring-4 {slow['ring']:.1f} ms, fp32 {slow['fp32']:.1f} ms"),
         ("(b) interp memory soft", f"{r['interp_memory_ratio']:.2f}x",
          f"{mem['soft'] / mib:.1f} MiB extra for {mem['positions'] / mib:.0f} MiB of positions "
          f"({r['interp_layer']}, table prebuilt)"
@@ -344,6 +431,13 @@ def format_report(r):
          f"({r['data_source']})"),
         ("(d) eval images/s", "", ", ".join(f"{k} {v:,.0f}" for k, v in ev.items())
          + f" (batch {r['eval_batch']})"),
+        ("(e) epoch s, fast", f"{r['fast_epoch_s']:.1f}",
+         f"ring-4 {epoch['fast']['ring']:.1f} s, fp32 {epoch['fast']['fp32']:.1f} s; FP32-NCHW: "
+         f"ring-4 {epoch['fp32_nchw']['ring']:.1f} s, fp32 {epoch['fp32_nchw']['fp32']:.1f} s "
+         f"({r['epoch_images']['train']:,} + {r['epoch_images']['val']:,} images, "
+         f"{r['epoch_source']})"),
+        ("(e) 200 epochs, fast", "", ", ".join(
+            f"{n} {v:.0f} min" for n, v in r["projected_200_epoch_min"]["fast"].items())),
     ]
     lines = [f"{name:<26}{value:>9}  {detail}" for name, value, detail in rows]
     lines += [f"target {k} {c['target']}: {'met' if c['met'] else 'NOT met'}"
@@ -364,6 +458,7 @@ def run(args):
     results.update(bench_memory(device, cfg))
     results.update(bench_data(device, cfg, args.data_dir))
     results.update(bench_eval(device, cfg, repeats))
+    results.update(bench_epoch(device, cfg, args.data_dir))
     results["targets"] = target_checks(results)
     print(format_report(results))
     if args.json:

@@ -37,6 +37,10 @@ def get_args_parser():
     parser.add_argument("--subset", type=int, help="override subset (training images)")
     parser.add_argument("--data-dir", help="override data_dir")
     parser.add_argument("--device", help="override device")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                        help="override precision")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                        help="override channels_last")
     parser.add_argument("--output-root", default="runs/experiments", help="where runs go")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU threads "
                         "are split between them)")
@@ -70,9 +74,11 @@ def build_command(config_path, seed, run_dir, args):
             ste = max(1, round(cfg["ste_epochs"] * args.epochs / old_epochs))
             cmd += ["--ste-epochs", str(ste)]
     for flag, value in (("--subset", args.subset), ("--data-dir", args.data_dir),
-                        ("--device", args.device)):
+                        ("--device", args.device), ("--precision", args.precision)):
         if value is not None:
             cmd += [flag, str(value)]
+    if args.channels_last is not None:
+        cmd.append("--channels-last" if args.channels_last else "--no-channels-last")
     if (run_dir / "last.pt").exists():
         cmd += ["--resume", str(run_dir / "last.pt")]
     else:

@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-RATIOS = ("train_step_ratio", "interp_memory_ratio", "interp_memory_ratio_with_table_build",
-          "naive_interp_memory_ratio", "data_path_speedup")
-GROUPS = {"train_step_ms": {"ring", "fp32"},
-          "interp_memory_bytes": {"positions", "soft", "soft_cold", "naive"},
+RATIOS = ("train_step_ratio", "fast_step_fraction", "interp_memory_ratio",
+          "interp_memory_ratio_with_table_build", "naive_interp_memory_ratio", "data_path_speedup",
+          "fast_epoch_s")
+SETTINGS = {"fp32_nchw", "fast"}
+NESTED = ("train_step_ms", "epoch_s", "projected_200_epoch_min")
+GROUPS = {"interp_memory_bytes": {"positions", "soft", "soft_cold", "naive"},
           "data_images_per_s": {"memory", "torchvision"},
           "eval_images_per_s": {"soft", "hard", "fp32"}}
 
@@ -32,7 +36,15 @@ def test_quick_bench_writes_json(tmp_path):
     for key, names in GROUPS.items():
         assert set(result[key]) == names, key
         assert all(_positive(v) for v in result[key].values()), (key, result[key])
+    for key in NESTED:
+        assert set(result[key]) == SETTINGS, key
+        for per_model in result[key].values():
+            assert set(per_model) == {"ring", "fp32"} and all(map(_positive, per_model.values()))
+    assert result["projected_200_epoch_min"]["fast"]["ring"] == pytest.approx(
+        200 * result["epoch_s"]["fast"]["ring"] / 60)
+    assert result["epoch_images"] == {"train": 256, "val": 64}
+    assert result["fast_precision"] in {"bf16", "fp32"}
     assert result["quick"] is True
     assert result["environment"]["device"] == "cpu"
-    assert set(result["targets"]) == {"train_step_ratio", "interp_memory_ratio",
-                                      "data_path_speedup"}
+    assert set(result["targets"]) == {"train_step_ratio", "fast_step_fraction", "fast_epoch_s",
+                                      "interp_memory_ratio", "data_path_speedup"}
