@@ -206,3 +206,40 @@ def test_resume_with_one_process(runs):
     for key, value in single.items():
         if value.is_floating_point():
             torch.testing.assert_close(resumed[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+# ---- local rank 0 loads (downloads) first ---------------------------------------------------
+
+def _load_worker(rank, port, folder, fail):
+    import time
+
+    from ringq.distributed import DistInfo, local_rank_first
+    from ringq.errors import DataError
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    marker = Path(folder) / "downloaded"
+
+    def load():
+        if rank == 0:
+            time.sleep(0.5)  # a slow download: rank 1 must not look before it ends
+            if fail:
+                raise DataError("download failed")
+            marker.write_text("data")
+        return marker.exists()
+    try:
+        result = local_rank_first(DistInfo(rank, 2, rank), torch.device("cpu"), load)
+    except DataError as e:
+        result = str(e)
+    finally:
+        dist.destroy_process_group()
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_local_rank_zero_loads_first(tmp_path, fail):
+    mp.spawn(_load_worker, args=(_free_port(), str(tmp_path), fail), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    if fail:
+        assert results[0] == "download failed" and "local rank 0" in results[1]
+    else:
+        assert results == [True, True]
