@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Figures of a sweep: accuracy against bits for every method, and training curves.
+
+    python experiments/plot.py RUNS_DIR [RUNS_DIR ...] --out docs/figures/ [--curves NAME ...]
+
+RUNS_DIR is a folder the runner wrote (``<output-root>/<folder>``, holding
+``<config>/seed<k>/``). Every finished run (``final.json``, ``config.yaml``) is a
+point; so is every ``eval_*.json`` report of ``evaluate.py --json`` saved in a
+run folder (post-training quantization of an FP32 run, for example). Methods:
+
+- FP32 (a horizontal line with its seed band);
+- PTQ: ``evaluate.py --ptq-bits K`` of an FP32 run;
+- LSQ QAT: ``--quantization uniform --bits K`` (and with ``--init-from``);
+- ring, published recipe: soft and hard (triangle ring, Gaussian kernel only);
+- ring, k-bit recipe (``ring_layout: distinct``; and with ``--init-from``).
+
+x is the bits per weight (log2 of the ring size for rings), y the test accuracy of
+the final model, the mean over seeds with the population std as error bar.
+``training_curves.png`` shows train loss and validation accuracy (soft / FP32 solid,
+hard dashed) per epoch, the mean over seeds, of the configs named by ``--curves``
+(default: the configs with the most seeds).
+"""
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FIGURES = ("accuracy_vs_bits.png", "training_curves.png")
+STYLE = {"PTQ": ("tab:gray", "s"), "LSQ QAT": ("tab:blue", "o"),
+         "LSQ QAT, FP32 init": ("tab:cyan", "o"), "ring published, soft": ("tab:orange", "^"),
+         "ring published, hard": ("tab:red", "v"), "ring k-bit": ("tab:green", "D"),
+         "ring k-bit, FP32 init": ("tab:olive", "D")}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUNS_DIR",
+                        help="folders of <config>/seed<k>/ runs")
+    parser.add_argument("--out", type=Path, default=Path("docs/figures"),
+                        help="where the PNG files go (default: %(default)s)")
+    parser.add_argument("--curves", nargs="+", metavar="NAME",
+                        help="configs whose training curves are drawn")
+    return parser
+
+
+def run_dirs(roots):
+    """(config name, seed, folder) of every finished run under ``roots``."""
+    for root in roots:
+        for final in sorted(root.glob("*/seed*/final.json")):
+            folder = final.parent
+            yield folder.parent.name, int(folder.name[len("seed"):]), folder
+
+
+def run_points(cfg, final):
+    """[(method, bits, accuracy)] that one finished run contributes."""
+    quantization = cfg["quantization"]
+    accuracy = final["accuracy"]
+    init = ", FP32 init" if cfg.get("init_from") else ""
+    if quantization == "none":
+        return [("FP32", 32, accuracy["fp32"])]
+    if quantization == "uniform":
+        return [("LSQ QAT" + init, cfg["bits"], accuracy["hard"])]
+    bits = math.log2(cfg["ring_size"])
+    if cfg.get("ring_layout") == "distinct":
+        return [("ring k-bit" + init, bits, accuracy["hard"])]
+    if cfg.get("ring_type", "triangle") == "triangle" and \
+            cfg.get("interpolation", "gaussian") == "gaussian":
+        return [("ring published, soft", bits, accuracy["soft"]),
+                ("ring published, hard", bits, accuracy["hard"])]
+    return []
+
+
+def report_points(report):
+    """[(method, bits, accuracy)] of one ``evaluate.py --json`` report (PTQ only)."""
+    if "ptq" in report:
+        return [("PTQ", report["ptq"]["bits"], report["accuracy"]["hard"])]
+    return []
+
+
+def collect(roots):
+    """{method: {bits: [accuracy per seed]}}, {config: [metrics rows per seed]} and the
+    set of "model on dataset" names the runs cover."""
+    points = defaultdict(lambda: defaultdict(list))
+    curves = defaultdict(list)
+    subjects = set()
+    for config, _, folder in run_dirs(roots):
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        subjects.add(f"{cfg['model']} on {cfg.get('dataset', 'cifar10')}")
+        found = run_points(cfg, json.loads((folder / "final.json").read_text()))
+        for report in sorted(folder.glob("eval_*.json")):
+            found += report_points(json.loads(report.read_text()))
+        for method, bits, accuracy in found:
+            points[method][bits].append(accuracy)
+        if (folder / "metrics.csv").exists():
+            with open(folder / "metrics.csv") as f:
+                curves[config].append(list(csv.DictReader(f)))
+    return points, curves, subjects
+
+
+def mean_std(values):
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def plot_accuracy_vs_bits(points, subject, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if "FP32" in points:
+        mean, std = mean_std(points["FP32"][32])
+        ax.axhline(mean, color="black", lw=1.2, label=f"FP32 ({mean:.2f})")
+        ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+    for method, (color, marker) in STYLE.items():
+        if method not in points:
+            continue
+        bits = sorted(points[method])
+        stats = [mean_std(points[method][b]) for b in bits]
+        ax.errorbar(bits, [m for m, _ in stats], yerr=[s for _, s in stats], color=color,
+                    marker=marker, capsize=3, lw=1.2, label=method,
+                    ls="--" if "soft" in method else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 2, 3, 4, 8])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{subject}: accuracy against bits (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _column(runs, key):
+    """Per epoch, the mean of ``key`` over the runs that have a value there (None if none)."""
+    out = []
+    for epoch in range(max(len(rows) for rows in runs)):
+        values = [float(rows[epoch][key]) for rows in runs
+                  if epoch < len(rows) and rows[epoch].get(key)]
+        out.append(statistics.fmean(values) if values else None)
+    return out
+
+
+def plot_training_curves(curves, names, path):
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, name in zip(colors * 4, names):
+        runs = curves[name]
+        epochs = range(1, max(len(rows) for rows in runs) + 1)
+        label = f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        loss_ax.plot(epochs, _column(runs, "train_loss"), color=color, label=label)
+        acc_ax.plot(epochs, _column(runs, "eval_acc"), color=color, label=f"{label}, soft/fp32")
+        hard = _column(runs, "eval_hard_acc")
+        if any(v is not None for v in hard):
+            acc_ax.plot(epochs, hard, color=color, ls="--", label=f"{name}, hard")
+    loss_ax.set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
+    acc_ax.set(xlabel="epoch", ylabel="validation accuracy (%)",
+               title="validation accuracy (solid: soft or FP32, dashed: hard)")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    missing = [str(r) for r in args.runs if not r.is_dir()]
+    if missing:
+        print(f"error: no such folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    points, curves, subjects = collect(args.runs)
+    if not points:
+        print(f"error: no finished runs (final.json) under {', '.join(map(str, args.runs))}",
+              file=sys.stderr)
+        return 2
+    names = args.curves or sorted(curves, key=lambda n: (-len(curves[n]), n))[:3]
+    unknown = [n for n in names if n not in curves]
+    if unknown:
+        print(f"error: no runs of {', '.join(unknown)}; found {', '.join(sorted(curves))}",
+              file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_accuracy_vs_bits(points, ", ".join(sorted(subjects)), args.out / FIGURES[0])
+    plot_training_curves(curves, names, args.out / FIGURES[1])
+    print("wrote " + ", ".join(str(args.out / f) for f in FIGURES))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
