@@ -14,7 +14,8 @@ from pathlib import Path
 
 from models import CIFAR_MODELS
 from ringq import data as data_lib
-from ringq.checkpoint import load_model_from_checkpoint, write_text_atomic
+from ringq.atomic import write_text_atomic
+from ringq.checkpoint import load_model_from_checkpoint
 from ringq.errors import RingqError
 from ringq.engine import evaluate, evaluate_all_modes, recalibrate_batchnorm
 from ringq.runtime import ArgumentParser, resolve_device, run_cli

@@ -11,7 +11,8 @@ import sys
 from collections import Counter
 
 from models.utils import is_ring_model
-from ringq.checkpoint import load_model_from_checkpoint, write_text_atomic
+from ringq.atomic import write_text_atomic
+from ringq.checkpoint import load_model_from_checkpoint
 from ringq.errors import CheckpointError
 from ringq.packing import export_packed, size_report
 from ringq.runtime import ArgumentParser, run_cli

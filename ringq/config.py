@@ -16,7 +16,7 @@ import yaml
 from models import MODELS, CIFAR_MODELS, MNIST_MODELS, QUANTIZATIONS
 from models.ring_math import INTERPOLATIONS, RING_LAYOUTS, RING_TYPES
 
-from .checkpoint import write_text_atomic
+from .atomic import write_text_atomic
 from .errors import RingqError
 
 DATASETS = ("cifar10", "mnist", "fashion-mnist")

@@ -35,7 +35,7 @@ from models import build_model
 from models.ring_math import SAME_VALUE_TOL, hard_indices
 from models.utils import ring_layers, set_weight_mode
 
-from .checkpoint import write_atomic
+from .atomic import write_atomic
 from .errors import CheckpointError
 
 MAGIC = b"RINGQPK1"

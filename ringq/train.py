@@ -26,8 +26,8 @@ from models.utils import count_parameters, ring_layers, ring_summary
 
 from . import config as config_lib
 from . import data as data_lib
-from .checkpoint import (FORMAT, load_state, remove_stale_temps, safe_load, save_atomic,
-                         write_text_atomic)
+from .atomic import remove_stale_temps, save_atomic, write_text_atomic
+from .checkpoint import FORMAT, load_state, safe_load
 from .distributed import cleanup, convert_batchnorm, init_distributed, unwrap
 from .engine import (Interrupted, NonFiniteError, StopSignals, apply_epoch_schedule, evaluate,
                      evaluate_all_modes, lr_at, sigma_at, train_mode_at, train_one_epoch)
