@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.utils import clamp_positions, ring_layers, set_sigma, set_weight_mode, weight_mode
+from models.utils import (clamp_positions, ring_layers, set_sigma, set_weight_mode, uniform_layers,
+                          weight_mode)
 
 from .distributed import all_reduce_sum, unwrap
 from .errors import RingqError
@@ -179,7 +180,7 @@ def evaluate(model, loader, device, mode=None, amp=False, progress=False, desc="
     """Mean loss and accuracy (percent) of ``model`` over ``loader``.
 
     mode: ``soft``, ``hard`` or None (FP32 model / keep the current mode).
-    Ring weights are computed once for the pass (cached while positions stay
+    Quantized weights are computed once for the pass (cached while positions stay
     unchanged). Results are summed over processes.
     """
     model.eval()
@@ -232,8 +233,11 @@ def recalibrate_batchnorm(model, loader, num_images, mode="hard"):
 
 
 def eval_modes(model):
-    """Weight modes in which a model is reported: soft and hard for ring models, else fp32."""
-    return ("soft", "hard") if ring_layers(unwrap(model)) else ("fp32",)
+    """Weight modes in which a model is reported: soft and hard for ring models, hard for
+    uniform K-bit ones (their one accuracy, under hard mode's key), else fp32."""
+    plain = unwrap(model)
+    return ("soft", "hard") if ring_layers(plain) else ("hard",) if uniform_layers(plain) \
+        else ("fp32",)
 
 
 def evaluate_all_modes(model, loader, device, amp=False, progress=False):

@@ -64,7 +64,7 @@ CASES = [  # (id, CLI, arguments, fragment of the error line)
     ("seed-negative", "mnist", TRAIN + " --seed -1", "seed must be in [0, 2**32)"),
     ("ste-beyond-epochs", "mnist", TRAIN + " --ste-epochs 3", "ste_epochs: 3 is more than"),
     ("hard-selection-fp32", "mnist", TRAIN + " --quantization none --select-mode hard",
-     "select_mode: 'hard' needs a ring model"),
+     "select_mode: 'hard' needs a ring or uniform model"),
     ("val-split-too-large", "mnist", TRAIN + " --val-split 500",
      "val_split 500 is not smaller than the 120 training images"),
     ("subset-too-large", "mnist", TRAIN + " --subset 500",
