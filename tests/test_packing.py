@@ -351,7 +351,7 @@ CORRUPTIONS = {
                  "corrupt header"),
     "header not a dict": (lambda d: _join(b"[1, 2]", _split(d)[1]), "not a JSON object"),
     "flipped payload byte": (_flip_payload_byte, "sha256"),
-    "future version": (lambda d: _with_header(d, lambda h: _set(h, version=2)), "version"),
+    "future version": (lambda d: _with_header(d, lambda h: _set(h, version=3)), "version"),
     "no sha": (lambda d: _with_header(d, lambda h: h.pop("payload_sha256") and None),
                "payload_sha256"),
     "offset out of range": (lambda d: _with_header(
@@ -471,7 +471,8 @@ def test_cli_refuses_fp32_model(monkeypatch, tmp_path, capsys, export_cli):
     _use_model(monkeypatch, export_cli, build_model(config), config)
     assert _export(export_cli, "--checkpoint", "fp32.pt", "--output", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err
-    assert err == "error: nothing to pack: fp32.pt has no ring layers\n"
+    assert err == ("error: nothing to pack: fp32.pt has no quantized layers (pass --bits K to "
+                   "quantize an FP32 checkpoint)\n")
 
 
 def test_cli_reports_user_errors_in_one_line(monkeypatch, tmp_path, capsys, export_cli,
