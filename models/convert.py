@@ -58,7 +58,8 @@ def init_from_fp32(model, state_dict):
     latent weights copied, steps from them; ring: positions whose values are
     the weights times a per-layer scale). That scale is folded into the
     running statistics of the BatchNorm after the layer (mean x scale, var x
-    scale**2), so in eval mode the model computes what the FP32 one did.
+    scale**2), so in eval mode the model computes what the FP32 one did, but
+    for BatchNorm's eps, which now weighs as eps / scale**2 against the variance.
     Returns {layer name: scale}. ValueError when the state dict does not fit.
     """
     latent = _check_fits(model, state_dict)
