@@ -12,13 +12,8 @@ from models.uniform_layers import (UniformConv2d, UniformLinear, UniformQuantize
 from models.utils import quantized_layers, set_weight_mode, uniform_layers, weight_mode
 from ringq.engine import eval_modes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytest_plugins = ["run_helpers"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is fastest
 
 
 def _trained_like_bn(model, seed=0):
