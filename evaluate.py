@@ -1,37 +1,47 @@
 #!/usr/bin/env python3
 """Evaluate any checkpoint honestly: soft (published) and hard (k-bit) weights.
 
-    python evaluate.py --checkpoint FILE [--data-dir DIR] [--json OUT]
+    python evaluate.py --checkpoint FILE [--data-dir DIR] [--json OUT] [--ptq-bits K]
 
 FILE may be a training checkpoint of this project, a packed k-bit file from
 export.py, or one of the original authors' files (the config is inferred).
+``--ptq-bits K`` quantizes an FP32 checkpoint after training (K-bit uniform
+levels per output channel) and evaluates that network.
 A training checkpoint also records its dataset and data directory, so
 ``--checkpoint runs/NAME/best.pt`` alone evaluates it.
 """
-import argparse
 import json
 from pathlib import Path
 
 from models import CIFAR_MODELS
+from models.convert import post_training_quantize
+from models.uniform_layers import MAX_BITS, MIN_BITS, PTQ_SCALES
 from ringq import data as data_lib
-from ringq.checkpoint import load_model_from_checkpoint, write_text_atomic
+from ringq.atomic import write_text_atomic
+from ringq.checkpoint import load_model_from_checkpoint
 from ringq.errors import RingqError
 from ringq.engine import evaluate, evaluate_all_modes, recalibrate_batchnorm
-from ringq.runtime import ArgumentParser, resolve_device, run_cli
+from ringq.runtime import ArgumentParser, int_in, resolve_device, run_cli
 from ringq.train import check_data_dir, report_dict
 
 
-def int_at_least(minimum):
-    """argparse type: an integer >= ``minimum``."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
+def add_ptq_options(parser, flag):
+    """``flag`` K (post-training quantization of an FP32 checkpoint) and --ptq-scale."""
+    parser.add_argument(flag, type=int_in(MIN_BITS, MAX_BITS), metavar="K",
+                        help="quantize the FP32 checkpoint after training: every layer that ring "
+                             "models quantize rounded per output channel to 2**K integer levels "
+                             f"times a step ({MIN_BITS}..{MAX_BITS})")
+    parser.add_argument("--ptq-scale", choices=PTQ_SCALES, default="mse",
+                        help="step of the post-training quantization: max (max|w| / (2**(K-1)-1)) "
+                             "or mse (least squared rounding error, searched per channel)")
+
+
+def quantize_after_training(model, mcfg, bits, scale, checkpoint):
+    """(K-bit uniform model, its config) of an FP32 checkpoint's model; RingqError otherwise."""
+    if mcfg.get("quantization") != "none":
+        raise RingqError(f"post-training quantization needs an FP32 checkpoint; {checkpoint} "
+                         f"holds a {mcfg.get('quantization')} model")
+    return post_training_quantize(model, mcfg, bits, scale)
 
 
 def get_args_parser():
@@ -42,12 +52,13 @@ def get_args_parser():
                         "checkpoint, else ./data)")
     parser.add_argument("--dataset", choices=data_lib.DATASETS,
                         help="dataset (default: recorded in the checkpoint, else cifar10)")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=500,
+    parser.add_argument("--batch-size", type=int_in(1), default=500,
                         help="evaluation batch size")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--bn-recalibrate", type=int_at_least(0), default=0, metavar="N",
+    parser.add_argument("--bn-recalibrate", type=int_in(0), default=0, metavar="N",
                         help="re-estimate BatchNorm statistics with hard weights from N "
                              "training images (no labels) and report hard accuracy after")
+    add_ptq_options(parser, "--ptq-bits")
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="never download the dataset")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
@@ -59,6 +70,11 @@ def format_report(report, meta, checkpoint):
     lines = [f"checkpoint      {checkpoint} ({meta.get('source')})",
              f"model           {report['model']} ({report['quantization']}), "
              f"{report['parameters']:,} parameters"]
+    if "bits" in report:
+        lines.append(f"bits            uniform {report['bits']}-bit, {report['num_distinct_values']} "
+                     f"integer levels per output channel"
+                     + (f" (post-training, {report['ptq']['scale']} step)" if "ptq" in report
+                        else ""))
     if "ring_size" in report:
         lines += [f"ring            size {report['ring_size']}, {report['ring_type']}, "
                   f"layout {report['ring_layout']}",
@@ -108,6 +124,9 @@ def main(argv=None):
         check_json_target(args.json)
     device = resolve_device(args.device)
     model, mcfg, meta = load_model_from_checkpoint(args.checkpoint)
+    if args.ptq_bits:
+        model, mcfg = quantize_after_training(model, mcfg, args.ptq_bits, args.ptq_scale,
+                                              args.checkpoint)
     dataset = args.dataset or meta.get("dataset") or (
         "cifar10" if mcfg["model"] in CIFAR_MODELS else "fashion-mnist")
     recorded_dir = meta.get("data_dir") if dataset == meta.get("dataset") else None
@@ -130,9 +149,12 @@ def main(argv=None):
     report = report_dict(model, mcfg, results, checkpoint=str(args.checkpoint),
                          source=meta.get("source"), recorded_accuracy=meta.get("best_accuracy"),
                          dataset=dataset)
+    if args.ptq_bits:
+        report["ptq"] = {"bits": args.ptq_bits, "scale": args.ptq_scale}
     if args.bn_recalibrate:
         if "hard" not in results:
-            raise RingqError("--bn-recalibrate needs a ring-quantized checkpoint")
+            raise RingqError("--bn-recalibrate needs a quantized model (a ring or uniform "
+                             "checkpoint, or --ptq-bits K)")
         train = data_lib.load_split(dataset, data_dir, "train", download=args.download)
         idx = data_lib.balanced_indices(train.labels, min(args.bn_recalibrate, len(train)), 0)
         used = recalibrate_batchnorm(model, loader(train.subset(idx)), args.bn_recalibrate)

@@ -1,17 +1,22 @@
-"""Pack a ring-quantized checkpoint into a compact file that loads without pickle.
+"""Pack a quantized checkpoint into a compact file that loads without pickle.
 
     python export.py --checkpoint best.pt --output resnet20_ring4.rqp [--half] [--json sizes.json]
+    python export.py --checkpoint fp32/last.pt --bits 8 --output lenet_int8.rqp
 
 Each ring weight is stored as a bit-packed index into its layer's table of
-distinct ring values; other tensors are stored raw (float16 with --half).
-Load the result with ``ringq.packing.load_packed``.
+distinct ring values, each uniform K-bit weight as its K-bit integer level (with
+one step per output channel); other tensors are stored raw (float16 with --half).
+``--bits K`` first quantizes an FP32 checkpoint after training. Load the result
+with ``ringq.packing.load_packed``.
 """
 import json
 import sys
 from collections import Counter
 
-from models.utils import is_ring_model
-from ringq.checkpoint import load_model_from_checkpoint, write_text_atomic
+from evaluate import add_ptq_options, quantize_after_training
+from models.utils import is_quantized_model
+from ringq.atomic import write_text_atomic
+from ringq.checkpoint import load_model_from_checkpoint
 from ringq.errors import CheckpointError
 from ringq.packing import export_packed, size_report
 from ringq.runtime import ArgumentParser, run_cli
@@ -19,10 +24,12 @@ from ringq.runtime import ArgumentParser, run_cli
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="source checkpoint of a ring model")
+    parser.add_argument("--checkpoint", required=True,
+                        help="source checkpoint of a ring or uniform model (FP32 with --bits)")
     parser.add_argument("--output", required=True, help="packed file to write")
     parser.add_argument("--half", action="store_true",
-                        help="store non-ring tensors (BatchNorm, classifier) as float16")
+                        help="store non-quantized tensors (BatchNorm, classifier) as float16")
+    add_ptq_options(parser, "--bits")
     parser.add_argument("--json", help="also write the size report to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     return parser
@@ -37,9 +44,14 @@ def _json_scalars(meta):
 def pack_checkpoint(args):
     """Pack ``args.checkpoint`` into ``args.output``; returns the size report (dict)."""
     model, config, meta = load_model_from_checkpoint(args.checkpoint)
-    if not is_ring_model(model):
-        raise CheckpointError(f"nothing to pack: {args.checkpoint} has no ring layers")
     extra = {**_json_scalars(meta), "source_checkpoint": str(args.checkpoint)}
+    if args.bits:
+        model, config = quantize_after_training(model, config, args.bits, args.ptq_scale,
+                                                args.checkpoint)
+        extra.update(ptq_bits=args.bits, ptq_scale=args.ptq_scale)
+    if not is_quantized_model(model):
+        raise CheckpointError(f"nothing to pack: {args.checkpoint} has no quantized layers "
+                              f"(pass --bits K to quantize an FP32 checkpoint)")
     export_packed(model, config, args.output, half=args.half, extra=extra)
     return {"checkpoint": str(args.checkpoint), "output": str(args.output),
             **size_report(model, args.output)}

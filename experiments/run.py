@@ -2,13 +2,17 @@
 """Run a folder of experiment configs (several seeds) and tabulate the results.
 
     python experiments/run.py experiments/ablations --seeds 1 2 3 --epochs 30
+    python experiments/run.py experiments/mnist --configs lenet_uniform2 \
+        --init-from runs/experiments/mnist/lenet_fp32/seed{seed}/last.pt --output-root runs/init
 
 Each config runs as ``train_cifar10.py`` or ``train_mnist.py`` (chosen by its
 ``dataset``) into ``<output-root>/<folder>/<config>/seed<k>/``. A run whose
 ``final.json`` exists is not run again; one with a ``last.pt`` is resumed, so
-an interrupted sweep continues where it stopped. The table (Markdown and CSV:
-config, seed, soft / hard / fp32 test accuracy, then mean and std over seeds)
-is written to ``<output-root>/<folder>/results.md`` and ``results.csv``.
+an interrupted sweep continues where it stopped. ``--init-from`` starts every
+run from an FP32 checkpoint (``{seed}`` in its path becomes the run's seed). The
+table (Markdown and CSV: config, seed, soft / hard / fp32 test accuracy, then mean
+and std over seeds; a uniform K-bit run has hard only) is written to
+``<output-root>/<folder>/results.md`` and ``results.csv``.
 """
 import argparse
 import csv
@@ -41,6 +45,10 @@ def get_args_parser():
                         help="override precision")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         help="override channels_last")
+    parser.add_argument("--init-from", metavar="TEMPLATE",
+                        help="start every run from this FP32 checkpoint; {seed} is replaced by "
+                             "the run's seed (e.g. runs/experiments/mnist/lenet_fp32/"
+                             "seed{seed}/last.pt)")
     parser.add_argument("--output-root", default="runs/experiments", help="where runs go")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU threads "
                         "are split between them)")
@@ -73,8 +81,10 @@ def build_command(config_path, seed, run_dir, args):
         if cfg.get("ste_epochs"):
             ste = max(1, round(cfg["ste_epochs"] * args.epochs / old_epochs))
             cmd += ["--ste-epochs", str(ste)]
+    init_from = args.init_from.replace("{seed}", str(seed)) if args.init_from else None
     for flag, value in (("--subset", args.subset), ("--data-dir", args.data_dir),
-                        ("--device", args.device), ("--precision", args.precision)):
+                        ("--device", args.device), ("--precision", args.precision),
+                        ("--init-from", init_from)):
         if value is not None:
             cmd += [flag, str(value)]
     if args.channels_last is not None:

@@ -5,19 +5,22 @@ from .mnist_nets import LeNet, MLP
 from .resnet_ring import DEPTHS, cifar_resnet
 from .ring_layers import (RingConv2d, RingLinear, RingQuantizer, clear_ring_weights,
                           precompute_ring_weights)
+from .uniform_layers import UniformConv2d, UniformLayer, UniformLinear, UniformQuantizer
 
 CIFAR_MODELS = tuple(DEPTHS)
 MNIST_MODELS = ("mlp", "lenet")
 MODELS = CIFAR_MODELS + MNIST_MODELS
-QUANTIZATIONS = ("ring", "none")
+QUANTIZATIONS = ("ring", "uniform", "none")
+# build_model keys that only ring models read
+RING_CONFIG_KEYS = ("ring_size", "ring_type", "ring_layout", "interpolation", "sigma")
 
 
 def layer_factories(config):
     """(conv, linear) constructors for the config's quantization.
 
-    conv(in, out, kernel_size, stride, padding); linear(in, out). Ring layers
-    of one model share one :class:`RingQuantizer`, so a mode or sigma change
-    reaches all of them.
+    conv(in, out, kernel_size, stride, padding); linear(in, out). The quantized
+    layers of one model share one quantizer (:class:`RingQuantizer` or
+    :class:`UniformQuantizer`), so a mode or sigma change reaches all of them.
     """
     if config["quantization"] == "none":
         def conv(cin, cout, k, stride, padding):
@@ -26,24 +29,31 @@ def layer_factories(config):
         def linear(cin, cout):
             return nn.Linear(cin, cout, bias=False)
         return conv, linear
-    quantizer = RingQuantizer(
-        ring_size=config["ring_size"], ring_type=config.get("ring_type", "triangle"),
-        layout=config.get("ring_layout", "published"),
-        interpolation=config.get("interpolation", "gaussian"), sigma=config.get("sigma"))
+    if config["quantization"] == "uniform":
+        quantizer = UniformQuantizer(bits=config["bits"])
+        conv_class, linear_class = UniformConv2d, UniformLinear
+    else:
+        quantizer = RingQuantizer(
+            ring_size=config["ring_size"], ring_type=config.get("ring_type", "triangle"),
+            layout=config.get("ring_layout", "published"),
+            interpolation=config.get("interpolation", "gaussian"), sigma=config.get("sigma"))
+        conv_class, linear_class = RingConv2d, RingLinear
 
-    def ring_conv(cin, cout, k, stride, padding):
-        return RingConv2d(cin, cout, k, stride, padding, quantizer=quantizer)
+    def quantized_conv(cin, cout, k, stride, padding):
+        return conv_class(cin, cout, k, stride, padding, quantizer=quantizer)
 
-    def ring_linear(cin, cout):
-        return RingLinear(cin, cout, quantizer=quantizer)
-    return ring_conv, ring_linear
+    def quantized_linear(cin, cout):
+        return linear_class(cin, cout, quantizer=quantizer)
+    return quantized_conv, quantized_linear
 
 
 def build_model(config):
     """Build the model a config (mapping) describes.
 
-    Keys: model, quantization (ring|none), ring_size, ring_type, ring_layout,
-    interpolation, sigma, fp32_first_layer, num_classes, in_channels, image_size.
+    Keys: model, quantization (ring|uniform|none), ring_size, ring_type,
+    ring_layout, interpolation, sigma (ring), bits (uniform), fp32_first_layer,
+    num_classes, in_channels, image_size. The quantized layers are every conv /
+    linear layer but the classifier (and the first, with fp32_first_layer).
     """
     name = config["model"]
     if config["quantization"] not in QUANTIZATIONS:
@@ -66,4 +76,7 @@ def build_model(config):
     if config["quantization"] == "ring":
         model.register_forward_pre_hook(precompute_ring_weights)
         model.register_forward_hook(clear_ring_weights)
+    for layer in model.modules():
+        if isinstance(layer, UniformLayer):
+            layer.reset_step()  # after the network's own weight initialisation
     return model

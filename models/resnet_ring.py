@@ -10,6 +10,8 @@ Module names match the original checkpoints.
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .uniform_layers import UniformLayer
+
 DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}
 
 
@@ -48,7 +50,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.linear = nn.Linear(64, num_classes)
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, (nn.Conv2d, nn.Linear, UniformLayer)):  # latent weights too
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)

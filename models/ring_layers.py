@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ring_math
+from .quant_layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 
 WEIGHT_MODES = ("soft", "hard", "ste")
+# Positions at which load_fp32_weight reads the value function.
+_INIT_GRID = 1 << 16
 
 
 @dataclass
@@ -74,44 +76,32 @@ class RingQuantizer:
         return (self.mode, self.sigma, self.interpolation)
 
 
-class _RingLayer(nn.Module):
-    """Shared part of ring layers: positions, ring buffer and cached weights."""
+class RingLayer(QuantizedLayer):
+    """Shared part of ring layers: positions, ring buffer and the interpolation table.
 
-    def __init__(self, num_weights_shape, quantizer):
-        super().__init__()
-        self.quantizer = quantizer
-        self.register_buffer("ring_template", quantizer.ring())
-        self.positions = nn.Parameter(torch.rand(num_weights_shape))
-        self._cached = None
-        self._cache_key = None
+    Conv positions are flat, [out*in*kh*kw], linear ones [out, in], as in the
+    original checkpoints.
+    """
+
+    default_quantizer = RingQuantizer
+
+    def __init__(self, quantizer):
+        super().__init__(quantizer)
+        shape = self.weight_shape if len(self.weight_shape) == 2 else (math.prod(self.weight_shape),)
+        self.register_buffer("ring_template", self.quantizer.ring())
+        self.positions = nn.Parameter(torch.rand(shape))
         self._table = None
         self._table_key = None
-        self._step_weight = None
 
     @property
     def ring_size(self):
         return self.quantizer.ring_size
 
-    def ring_weight(self):
-        """Weight values in the current mode, reused while positions are unchanged.
+    def latent(self):
+        return (self.positions, self.ring_template)
 
-        Weights are recomputed when autograd needs a graph; otherwise (eval,
-        ``torch.no_grad``) they are cached until positions, ring or mode change.
-        """
-        if torch.is_grad_enabled() and self.positions.requires_grad:
-            weight, self._step_weight = self._step_weight, None
-            if weight is not None:
-                return weight
-            return self.quantizer.weights(self.positions, self.ring_template, self._ring_table())
-        key = (self.positions._version, self.positions.data_ptr(), self.positions.device,
-               self.ring_template._version, self.ring_template.data_ptr(),
-               self.quantizer.cache_key())
-        if key != self._cache_key:
-            with torch.no_grad():
-                self._cached = self.quantizer.weights(self.positions, self.ring_template,
-                                                      self._ring_table())
-            self._cache_key = key
-        return self._cached
+    def compute_weight(self):
+        return self.quantizer.weights(self.positions, self.ring_template, self._ring_table())
 
     def _ring_table(self):
         """Interpolation table for this layer's ring buffer, looked up only when it changes."""
@@ -128,64 +118,46 @@ class _RingLayer(nn.Module):
         """Ring index of every weight, int64, shape of ``positions``."""
         return ring_math.hard_indices(self.positions, self.ring_size)
 
+    @torch.no_grad()
+    def load_fp32_weight(self, weight):
+        """Positions whose values (current mode and sigma) are ``scale * weight``; returns scale.
+
+        The value v(p) is read on a fine grid of positions and inverted on its
+        rising branch (from its minimum to its maximum around the ring);
+        ``scale`` is the largest that keeps every scaled weight inside
+        [min v, max v], so each weight's value is as close to it as the grid
+        allows (linear interpolation between grid points).
+        """
+        grid = torch.arange(_INIT_GRID, dtype=torch.float64) / _INIT_GRID
+        values = self.quantizer.weights(grid.float(), self.ring_template,
+                                        self._ring_table()).double()
+        low, high = int(values.argmin()), int(values.argmax())
+        branch = torch.arange(low, low + (high - low) % _INIT_GRID + 1) % _INIT_GRID
+        rising = torch.cummax(values[branch], 0).values
+        flat = weight.detach().double().cpu().reshape(-1)
+        limits = [values.max() / flat.max() if flat.max() > 0 else math.inf,
+                  values.min() / flat.min() if flat.min() < 0 else math.inf]
+        scale = float(min(limits)) if math.isfinite(min(limits)) else 1.0
+        target = flat * scale
+        k = torch.searchsorted(rising, target).clamp_(1, rising.numel() - 1)
+        lo, hi = rising[k - 1], rising[k]
+        frac = torch.where(hi > lo, (target - lo) / (hi - lo), torch.zeros_like(lo)).clamp_(0, 1)
+        positions = torch.remainder((branch[k - 1].double() + frac) / _INIT_GRID, 1.0)
+        self.positions.copy_(positions.view_as(self.positions))
+        return scale
+
     def extra_repr(self):
         q = self.quantizer
         return (f"ring_size={q.ring_size}, ring_type={q.ring_type}, layout={q.layout}, "
                 f"interpolation={q.interpolation}, sigma={q.sigma:g}, mode={q.mode}")
 
 
-class RingConv2d(_RingLayer):
-    """Conv2d (no bias) whose weights are read off a ring.
-
-    ``positions`` is flat, shape [out*in*kh*kw], as in the original checkpoints.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 quantizer=None):
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-        super().__init__(out_channels * in_channels * kh * kw, quantizer or RingQuantizer())
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = (kh, kw)
-        self.stride, self.padding = stride, padding
-
-    @property
-    def weight_shape(self):
-        return (self.out_channels, self.in_channels, *self.kernel_size)
-
-    @property
-    def fan_in(self):
-        """Inputs per output channel: in_channels * kh * kw."""
-        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-
-    def forward(self, x):
-        weight = self.ring_weight().view(self.weight_shape)
-        return F.conv2d(x, weight.to(x.dtype), None, self.stride, self.padding)
-
-    def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, " + super().extra_repr())
+class RingConv2d(QuantizedConv2d, RingLayer):
+    """Conv2d (no bias) whose weights are read off a ring; positions [out*in*kh*kw]."""
 
 
-class RingLinear(_RingLayer):
+class RingLinear(QuantizedLinear, RingLayer):
     """Linear layer (no bias) whose weights are read off a ring; positions [out, in]."""
-
-    def __init__(self, in_features, out_features, quantizer=None):
-        super().__init__((out_features, in_features), quantizer or RingQuantizer())
-        self.in_features, self.out_features = in_features, out_features
-
-    @property
-    def weight_shape(self):
-        return (self.out_features, self.in_features)
-
-    @property
-    def fan_in(self):
-        return self.in_features
-
-    def forward(self, x):
-        return F.linear(x, self.ring_weight().view(self.weight_shape).to(x.dtype))
-
-    def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, " + super().extra_repr()
 
 
 RING_LAYERS = (RingConv2d, RingLinear)
@@ -205,7 +177,7 @@ def precompute_ring_weights(module, inputs=None):
         return
     groups = {}
     for layer in module.modules():
-        if isinstance(layer, _RingLayer) and layer.positions.requires_grad:
+        if isinstance(layer, RingLayer) and layer.positions.requires_grad:
             table = layer._ring_table()
             if table is not None:
                 groups.setdefault(id(table), (table, []))[1].append(layer)
@@ -222,5 +194,5 @@ def precompute_ring_weights(module, inputs=None):
 def clear_ring_weights(module, inputs=None, output=None):
     """Forward hook: drop precomputed weights a forward did not use."""
     for layer in module.modules():
-        if isinstance(layer, _RingLayer):
+        if isinstance(layer, RingLayer):
             layer._step_weight = None

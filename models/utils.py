@@ -1,11 +1,18 @@
-"""Helpers that act on every ring layer of a model."""
+"""Helpers that act on every quantized (ring or uniform) layer of a model."""
 import contextlib
 import math
 
 import torch
 
 from . import ring_math
+from .quant_layers import QuantizedLayer
 from .ring_layers import RING_LAYERS
+from .uniform_layers import UNIFORM_LAYERS, integer_range
+
+
+def quantized_layers(model):
+    """(name, layer) for every ring or uniform layer of ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]
 
 
 def ring_layers(model):
@@ -13,8 +20,17 @@ def ring_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, RING_LAYERS)]
 
 
+def uniform_layers(model):
+    """(name, layer) for every uniform K-bit layer of ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, UNIFORM_LAYERS)]
+
+
 def is_ring_model(model):
     return bool(ring_layers(model))
+
+
+def is_quantized_model(model):
+    return bool(quantized_layers(model))
 
 
 @torch.no_grad()
@@ -25,15 +41,15 @@ def clamp_positions(model):
 
 
 def set_weight_mode(model, mode):
-    """Set ``soft``, ``hard`` or ``ste`` on every ring layer."""
-    for _, layer in ring_layers(model):
+    """Set ``soft``, ``hard`` or ``ste`` on every quantized layer (uniform ones have no soft)."""
+    for _, layer in quantized_layers(model):
         layer.quantizer.mode = mode
 
 
 @contextlib.contextmanager
 def weight_mode(model, mode):
-    """Run a block with every ring layer in ``mode`` (None: unchanged), then restore each layer's."""
-    layers = [layer for _, layer in ring_layers(model)]
+    """Run a block with every quantized layer in ``mode`` (None: unchanged), then restore each layer's."""
+    layers = [layer for _, layer in quantized_layers(model)]
     previous = [layer.quantizer.mode for layer in layers]
     if mode is not None:
         set_weight_mode(model, mode)
@@ -74,6 +90,26 @@ def ring_summary(model):
         "effective_bits": ring_math.effective_bits(layer.ring_template),
         "quantized_weights": sum(m.positions.numel() for _, m in layers),
     }
+
+
+def uniform_summary(model):
+    """Facts about a uniform K-bit model's weights, as a dict (None without uniform layers).
+
+    ``distinct_values`` are the integer levels, in units of each channel's step.
+    """
+    layers = uniform_layers(model)
+    if not layers:
+        return None
+    bits = layers[0][1].quantizer.bits
+    qn, qp = integer_range(bits)
+    return {"bits": bits, "nominal_bits": bits, "distinct_values": list(range(-qn, qp + 1)),
+            "num_distinct_values": 2 ** bits, "effective_bits": float(bits),
+            "quantized_weights": sum(m.weight.numel() for _, m in layers)}
+
+
+def quant_summary(model):
+    """:func:`ring_summary` or :func:`uniform_summary`, whichever applies (None for FP32)."""
+    return ring_summary(model) or uniform_summary(model)
 
 
 def count_parameters(model):

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: safe loading, atomic saving, and the original authors' files.
+"""Checkpoint I/O: safe loading and the original authors' files (atomic saving: ``atomic``).
 
 Every load goes through ``torch.load(..., weights_only=True)``: a file that
 needs arbitrary pickled code is refused, never executed. Our checkpoints are
@@ -7,10 +7,8 @@ carry the full config, so ``evaluate.py --checkpoint FILE`` rebuilds the model
 from the file alone. The original checkpoints (``{"model_state_dict": ...}``)
 carry no config: it is inferred from the state dict.
 """
-import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,58 +18,11 @@ import torch
 from models import DEPTHS, build_model
 from models.ring_math import RING_LAYOUTS, RING_TYPES, ring_values
 
-from .errors import CheckpointError, RingqError
+from .errors import CheckpointError
+from .packing import is_packed_file, load_packed
 
 FORMAT = "ringq"
 PICKLE_PROTO = 0x80  # first byte of a pickle stream (protocol 2+)
-
-
-def write_atomic(path, write):
-    """Call ``write(f)`` on a temp file beside ``path``, fsync, then rename it over ``path``.
-
-    A reader, or a crash at any moment, sees either the old file or the new one; a
-    crash may leave a ``.<name>.*.tmp`` file behind (see :func:`remove_stale_temps`).
-    """
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise RingqError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; run files are as public as a plain write
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise RingqError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def save_atomic(obj, path):
-    """torch.save ``obj`` to ``path`` atomically (:func:`write_atomic`)."""
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def write_text_atomic(text, path):
-    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`write_atomic`)."""
-    write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def remove_stale_temps(folder, names):
-    """Delete the temp files that a crash inside :func:`write_atomic` left for ``names``."""
-    for name in names:
-        for tmp in Path(folder).glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
 
 
 def _check_archive(path):
@@ -176,7 +127,6 @@ def load_model_from_checkpoint(path, map_location="cpu"):
     original authors' files and bare state dicts. ``meta`` holds ``source``
     and, when recorded, ``best_accuracy`` and ``epoch``.
     """
-    from .packing import is_packed_file, load_packed
     if Path(path).is_file() and is_packed_file(path):
         model, config, extra = load_packed(path, map_location=map_location)
         return model, config, {**(extra or {}), "source": "packed"}

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import yaml
 
-from models import MODELS, CIFAR_MODELS, MNIST_MODELS, QUANTIZATIONS
+from models import MODELS, CIFAR_MODELS, MNIST_MODELS, QUANTIZATIONS, RING_CONFIG_KEYS
+from models.uniform_layers import MAX_BITS, MIN_BITS
 from models.ring_math import INTERPOLATIONS, RING_LAYOUTS, RING_TYPES
 
-from .checkpoint import write_text_atomic
+from .atomic import write_text_atomic
 from .errors import RingqError
 from .precision import PRECISIONS
 
@@ -54,6 +55,10 @@ def _probability_like(v):
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
+def _bits(v):
+    return None if MIN_BITS <= v <= MAX_BITS else f"must be between {MIN_BITS} and {MAX_BITS}"
+
+
 def _seed(v):
     return None if 0 <= v < 2**32 else "must be in [0, 2**32)"
 
@@ -61,8 +66,11 @@ def _seed(v):
 OPTIONS = [
     # model
     Option("model", str, "resnet20", "architecture", choices=MODELS),
-    Option("quantization", str, "ring", "'ring' (ring-quantized) or 'none' (FP32 baseline)",
-           choices=QUANTIZATIONS),
+    Option("quantization", str, "ring", "'ring' (ring-quantized), 'uniform' (K-bit integer "
+           "levels per output channel, steps learned by LSQ; needs --bits) or 'none' (FP32 "
+           "baseline)", choices=QUANTIZATIONS),
+    Option("bits", int, None, "K for --quantization uniform: 2**K integer levels per output "
+           "channel", check=_bits),
     Option("ring_size", int, 8, "number of values on the ring (4 = '2-bit', 8 = '3-bit')",
            check=_ring_size),
     Option("ring_type", str, "triangle", "shape of the ring", choices=RING_TYPES),
@@ -75,12 +83,15 @@ OPTIONS = [
     Option("fp32_first_layer", bool, False, "keep the first layer (a ResNet's stem conv, "
            "LeNet's first conv, the MLP's first linear) in FP32, as most low-bit papers do "
            "(default: ring-quantized, as published)"),
+    Option("init_from", str, None, "start a ring or uniform model from this FP32 checkpoint of "
+           "the same network (a last.pt or best.pt of a --quantization none run)"),
     # k-bit recipe
     Option("sigma_final", float, None, "anneal sigma geometrically to this value by the last "
            "epoch (default: no annealing)", check=_optional_positive),
     Option("ste_epochs", int, 0, "last epochs trained with hard (k-bit) weights in the forward "
            "pass and soft-kernel gradients (straight-through)", check=_non_negative),
-    Option("select_mode", str, "soft", "weight mode whose validation accuracy selects best.pt",
+    Option("select_mode", str, "soft", "weight mode whose validation accuracy selects best.pt "
+           "(a uniform model has hard only)",
            choices=("soft", "hard")),
     Option("position_lr_scale", float, 1.0, "learning rate of ring positions relative to --lr",
            check=_positive),
@@ -142,7 +153,7 @@ FIXED_ON_RESUME = ("model", "quantization", "ring_size", "ring_type", "ring_layo
                    "interpolation", "sigma", "fp32_first_layer", "dataset", "val_split",
                    "subset", "seed", "batch_size", "loader", "momentum", "weight_decay",
                    "position_weight_decay", "position_lr_scale", "position_lr_fan_in",
-                   "select_mode")
+                   "select_mode", "bits", "init_from")
 
 
 def _flag(name):
@@ -266,7 +277,13 @@ def validate(cfg, task):
     if cfg["ste_epochs"] > cfg["epochs"]:
         raise RingqError(f"ste_epochs: {cfg['ste_epochs']} is more than --epochs {cfg['epochs']}")
     if cfg["select_mode"] == "hard" and cfg["quantization"] == "none":
-        raise RingqError("select_mode: 'hard' needs a ring model (quantization: ring)")
+        raise RingqError("select_mode: 'hard' needs a ring or uniform model")
+    if (cfg["quantization"] == "uniform") != (cfg["bits"] is not None):
+        raise RingqError("bits: --quantization uniform needs --bits K" if cfg["bits"] is None
+                         else "bits: only for --quantization uniform (a ring's levels come from "
+                              "--ring-size)")
+    if cfg["init_from"] is not None and cfg["quantization"] == "none":
+        raise RingqError("init_from: needs a quantized model (--quantization ring or uniform)")
     if not (cfg["device"] == "auto" or cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
         raise RingqError(f"device: unknown device {cfg['device']!r}; use auto, cpu or cuda")
 
@@ -275,6 +292,8 @@ def run_name(cfg):
     """Default run directory name, e.g. resnet20_ring4 or lenet_fp32."""
     if cfg["quantization"] == "none":
         return f"{cfg['model']}_fp32"
+    if cfg["quantization"] == "uniform":
+        return f"{cfg['model']}_uniform{cfg['bits']}"
     name = f"{cfg['model']}_ring{cfg['ring_size']}"
     if cfg["ring_layout"] != "published":
         name += f"_{cfg['ring_layout']}"
@@ -302,10 +321,9 @@ def resolve(args, task, base=None):
 
 def model_config(cfg, num_classes=10, in_channels=None, image_size=None):
     """The subset of a run config that :func:`models.build_model` reads."""
-    keys = ("model", "quantization", "ring_size", "ring_type", "ring_layout", "interpolation",
-            "sigma")
-    out = {k: cfg[k] for k in keys}
-    if cfg.get("fp32_first_layer") and cfg["quantization"] == "ring":
+    uniform = cfg["quantization"] == "uniform"
+    out = {k: cfg[k] for k in ("model", "quantization") + (("bits",) if uniform else RING_CONFIG_KEYS)}
+    if cfg.get("fp32_first_layer") and cfg["quantization"] != "none":
         out["fp32_first_layer"] = True  # absent otherwise: earlier checkpoints stay comparable
     out["num_classes"] = num_classes
     if in_channels is not None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .checkpoint import save_atomic
+from .atomic import save_atomic
 from .errors import DataError, RingqError
 
 NORMALIZATION = {

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.utils import clamp_positions, ring_layers, set_sigma, set_weight_mode, weight_mode
+from models.utils import (clamp_positions, ring_layers, set_sigma, set_weight_mode, uniform_layers,
+                          weight_mode)
 
 from .distributed import all_reduce_sum, all_reduce_tensor, unwrap
 from .errors import RingqError
@@ -190,9 +191,9 @@ def evaluate(model, loader, device, mode=None, channels_last=False, progress=Fal
     autocast, no TF32).
 
     mode: ``soft``, ``hard`` or None (FP32 model / keep the current mode).
-    Ring weights are computed once for the pass (cached while positions stay
-    unchanged). Sums stay on the device until the end; results are summed
-    over processes.
+    Quantized weights are computed once for the pass (cached while the latent tensors
+    stay unchanged). Sums stay on the device until the end; results are summed over
+    processes.
     """
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
@@ -243,8 +244,11 @@ def recalibrate_batchnorm(model, loader, num_images, mode="hard"):
 
 
 def eval_modes(model):
-    """Weight modes in which a model is reported: soft and hard for ring models, else fp32."""
-    return ("soft", "hard") if ring_layers(unwrap(model)) else ("fp32",)
+    """Weight modes in which a model is reported: soft and hard for ring models, hard for
+    uniform K-bit ones (their one accuracy, under hard mode's key), else fp32."""
+    plain = unwrap(model)
+    return ("soft", "hard") if ring_layers(plain) else ("hard",) if uniform_layers(plain) \
+        else ("fp32",)
 
 
 def evaluate_all_modes(model, loader, device, channels_last=False, progress=False):

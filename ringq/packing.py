@@ -1,4 +1,4 @@
-"""Packed model files: ring weights as bit-packed level indices, no pickle.
+"""Packed model files: quantized weights as bit-packed level indices, no pickle.
 
 File layout (integers little-endian)::
 
@@ -16,8 +16,16 @@ ring, sorted; each weight is stored as the index of its hard value in that
 table, ``bits = max(1, ceil(log2(levels)))`` per weight. ``ring_indices[k]`` is
 one ring index holding level k; loading sets each position to
 ``ring_index / N`` so the hard weights are exactly those of the source.
-Positions themselves are not stored. Every other state-dict tensor is stored
-raw: float32 (float16 with ``half=True``), int64 as int64.
+Positions themselves are not stored.
+
+A uniform K-bit layer (record kind ``uniform``, format version 2) stores each
+weight's integer level q in [-2**(K-1), 2**(K-1)-1] as ``q + 2**(K-1)`` in K
+bits, and its per-output-channel ``steps`` (float32, as JSON numbers); loading
+sets the latent weight to ``q * step`` and the step, so the K-bit weights are
+exactly those of the source. Version 1 files (ring records only) still load.
+
+Every other state-dict tensor is stored raw: float32 (float16 with
+``half=True``), int64 as int64.
 
 Loading reads JSON, zlib and raw numbers only; nothing in a file is executed.
 """
@@ -33,15 +41,21 @@ import torch
 
 from models import build_model
 from models.ring_math import SAME_VALUE_TOL, hard_indices
-from models.utils import ring_layers, set_weight_mode
+from models.ring_layers import RingLayer
+from models.uniform_layers import MAX_BITS as MAX_UNIFORM_BITS
+from models.uniform_layers import MIN_BITS as MIN_UNIFORM_BITS
+from models.uniform_layers import STEP_MIN, UniformLayer, integer_range
+from models.utils import quantized_layers, set_weight_mode
 
-from .checkpoint import write_atomic
+from .atomic import write_atomic
 from .errors import CheckpointError
 
 MAGIC = b"RINGQPK1"
 FORMAT = "ringq-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_BITS = 8
+QUANTIZED_KINDS = ("packed", "uniform")  # records whose payload is bit-packed level indices
 
 _PREFIX = struct.Struct("<8sI")
 _DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8")}
@@ -49,8 +63,9 @@ _MAX_HEADER_BYTES = 64 << 20
 _HEADER_FIELDS = (("config", dict), ("half", bool), ("rings", list), ("tensors", list),
                   ("payload_bytes", int), ("payload_sha256", str), ("extra", dict))
 _RECORD_FIELDS = (("kind", str), ("dtype", str), ("shape", list), ("offset", int), ("nbytes", int))
-_PACKED_FIELDS = (("bits", int), ("count", int), ("levels", list), ("ring_indices", list),
-                  ("ring", int))
+_CODE_FIELDS = (("bits", int), ("count", int))
+_KIND_FIELDS = {"packed": (("levels", list), ("ring_indices", list), ("ring", int)),
+                "uniform": (("steps", list),)}
 
 
 class _FormatError(Exception):
@@ -162,21 +177,41 @@ def value_entropy_bits(levels, counts, tol=SAME_VALUE_TOL):
     return entropy_bits(np.add.reduceat(np.asarray(counts), starts))
 
 
+def layer_codes(layer):
+    """(levels [L], level index of every weight int64 [count], bits) of a quantized layer.
+
+    Ring layers: the :func:`level_table` values and ``max(1, ceil(log2 L))`` bits;
+    uniform K-bit layers: the integer levels -2**(K-1) .. 2**(K-1)-1 and K bits.
+    Weights are read in the order of the latent tensor's ``reshape(-1)``.
+    """
+    if isinstance(layer, RingLayer):
+        levels, _, indices = level_indices(layer)
+        return levels.tolist(), indices, max(1, (levels.size - 1).bit_length())
+    qn, qp = integer_range(layer.quantizer.bits)
+    indices = (layer.integers() + qn).cpu().numpy().reshape(-1)
+    return list(range(-qn, qp + 1)), indices, layer.quantizer.bits
+
+
 def _pack_layer(name, layer, ring_id):
-    """Header record (offset not set yet) and packed bytes of one ring layer."""
-    levels, ring_indices, indices = level_indices(layer)
-    if levels.size > 1 << MAX_BITS:
-        raise ValueError(f"{name}: {levels.size} distinct ring values, "
+    """Header record (offset not set yet) and packed bytes of one quantized layer."""
+    levels, indices, bits = layer_codes(layer)
+    if bits > MAX_BITS:
+        raise ValueError(f"{name}: {len(levels)} distinct ring values, "
                          f"at most {1 << MAX_BITS} can be packed")
-    bits = max(1, (levels.size - 1).bit_length())
-    record = {"name": name, "kind": "packed", "dtype": "float32",
-              "shape": list(layer.positions.shape), "count": int(indices.size), "bits": bits,
-              "levels": levels.tolist(), "ring_indices": ring_indices.tolist(), "ring": ring_id}
+    ring = isinstance(layer, RingLayer)
+    record = {"name": name, "kind": "packed" if ring else "uniform", "dtype": "float32",
+              "shape": list(layer.positions.shape if ring else layer.weight_shape),
+              "count": int(indices.size), "bits": bits}
+    if ring:
+        record.update(levels=levels, ring_indices=level_table(layer.ring_template)[1].tolist(),
+                      ring=ring_id)
+    else:
+        record["steps"] = layer.step.detach().clamp_min(STEP_MIN).cpu().float().tolist()
     return record, pack_bits(indices, bits)
 
 
 def _raw_tensor_bytes(key, tensor, half):
-    """(header dtype, little-endian bytes) of one non-ring tensor."""
+    """(header dtype, little-endian bytes) of one non-quantized tensor."""
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.int64:
         return "int64", tensor.numpy().astype(_DTYPES["int64"]).tobytes()
@@ -202,19 +237,21 @@ def _check_config(model, config):
 
 
 def _entries(model, half):
-    """(rings, [(record, blob)]) for every ring layer, then every other tensor."""
-    rings, ring_ids, entries, ring_keys = [], {}, [], set()
-    for name, layer in ring_layers(model):
-        ring = layer.ring_template.detach().cpu().to(torch.float32)
-        if not torch.isfinite(ring).all():
-            raise ValueError(f"{name}: ring holds non-finite values")
-        ring_id = ring_ids.setdefault(ring.numpy().tobytes(), len(rings))  # bit-exact match
-        if ring_id == len(rings):
-            rings.append(ring.tolist())
+    """(rings, [(record, blob)]) for every quantized layer, then every other tensor."""
+    rings, ring_ids, entries, packed_keys = [], {}, [], set()
+    for name, layer in quantized_layers(model):
+        ring_id = None
+        if isinstance(layer, RingLayer):
+            ring = layer.ring_template.detach().cpu().to(torch.float32)
+            if not torch.isfinite(ring).all():
+                raise ValueError(f"{name}: ring holds non-finite values")
+            ring_id = ring_ids.setdefault(ring.numpy().tobytes(), len(rings))  # bit-exact match
+            if ring_id == len(rings):
+                rings.append(ring.tolist())
         entries.append(_pack_layer(name, layer, ring_id))
-        ring_keys.update({_key(name, "positions"), _key(name, "ring_template")})
+        packed_keys.update(_key(name, k) for k in layer.state_dict())
     for key, tensor in model.state_dict().items():
-        if key not in ring_keys:
+        if key not in packed_keys:
             dtype, blob = _raw_tensor_bytes(key, tensor, half)
             entries.append(({"name": key, "kind": "raw", "dtype": dtype,
                              "shape": list(tensor.shape)}, blob))
@@ -225,12 +262,12 @@ def export_packed(model, config, path, half=False, extra=None):
     """Write ``model`` as a packed file at ``path`` (atomically); returns stats.
 
     config: the dict ``build_model`` rebuilds the model from (JSON-serialisable);
-    half: store non-ring float tensors as float16; extra: JSON-serialisable dict
+    half: store non-quantized float tensors as float16; extra: JSON-serialisable dict
     returned by :func:`load_packed`. Stats: file/header/payload/packed/raw
     bytes, quantized_weights, bits_per_layer {layer: bits}, half.
     """
-    if not ring_layers(model):
-        raise ValueError("nothing to pack: the model has no ring layers")
+    if not quantized_layers(model):
+        raise ValueError("nothing to pack: the model has no quantized layers")
     _check_config(model, config)
     rings, entries = _entries(model, half)
     offset = 0
@@ -246,7 +283,7 @@ def export_packed(model, config, path, half=False, extra=None):
         json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8"), 9)
     prefix = _PREFIX.pack(MAGIC, len(header_blob))
     write_atomic(path, lambda f: f.writelines((prefix, header_blob, payload)))
-    packed = [r for r, _ in entries if r["kind"] == "packed"]
+    packed = [r for r, _ in entries if r["kind"] in QUANTIZED_KINDS]
     return {"file_bytes": len(prefix) + len(header_blob) + len(payload),
             "header_bytes": len(prefix) + len(header_blob), "payload_bytes": len(payload),
             "packed_bytes": sum(r["nbytes"] for r in packed),
@@ -278,8 +315,9 @@ def _decode_header(blob):
     _expect(complete, "corrupt header (incomplete, oversized or trailing zlib data)")
     _expect(isinstance(header, dict), "corrupt header (not a JSON object)")
     _expect(header.get("format") == FORMAT, "header is not a ringq packed header")
-    _expect(header.get("version") == FORMAT_VERSION,
-            f"unsupported format version {header.get('version')!r} (expected {FORMAT_VERSION})")
+    _expect(header.get("version") in READABLE_VERSIONS,
+            f"unsupported format version {header.get('version')!r} (expected one of "
+            f"{', '.join(map(str, READABLE_VERSIONS))})")
     for field, kind in _HEADER_FIELDS:
         _expect(isinstance(header.get(field), kind), f"header field {field!r} missing or not a "
                 f"{kind.__name__}")
@@ -296,7 +334,7 @@ def _check_fields(record, fields, name):
         _expect(ok, f"{name}: field {field!r} missing or not a {kind.__name__}")
 
 
-def _check_record(record, payload_bytes):
+def _check_record(record, payload_bytes, version):
     """Format-level checks of one tensor record: fields, shape, byte range, sizes."""
     _expect(isinstance(record, dict) and isinstance(record.get("name"), str),
             "tensor record without a name")
@@ -312,8 +350,9 @@ def _check_record(record, payload_bytes):
         _expect(record["dtype"] in _DTYPES, f"{name}: unknown dtype {record['dtype']!r}")
         size = numel * _DTYPES[record["dtype"]].itemsize
     else:
-        _expect(record["kind"] == "packed", f"{name}: unknown kind {record['kind']!r}")
-        _check_fields(record, _PACKED_FIELDS, name)
+        kinds = QUANTIZED_KINDS if version >= 2 else ("packed",)
+        _expect(record["kind"] in kinds, f"{name}: unknown kind {record['kind']!r}")
+        _check_fields(record, _CODE_FIELDS + _KIND_FIELDS[record["kind"]], name)
         _expect(record["dtype"] == "float32", f"{name}: packed levels must be float32")
         _expect(1 <= record["bits"] <= MAX_BITS, f"{name}: bits {record['bits']} not in "
                 f"1..{MAX_BITS}")
@@ -343,7 +382,7 @@ def _read_packed(path):
     _expect(hashlib.sha256(payload).hexdigest() == header["payload_sha256"],
             "payload sha256 mismatch (corrupted file)")
     for record in header["tensors"]:
-        _check_record(record, len(payload))
+        _check_record(record, len(payload), header["version"])
     return header, payload
 
 
@@ -390,21 +429,43 @@ def _positions(record, payload, ring):
     return torch.from_numpy(table[level_indices].reshape(record["shape"]))
 
 
+def _uniform_tensors(record, payload):
+    """{weight, step} of a uniform record: latent weight q * step [shape], step [out]."""
+    name, bits, shape = record["name"], record["bits"], record["shape"]
+    _expect(MIN_UNIFORM_BITS <= bits <= MAX_UNIFORM_BITS,
+            f"{name}: uniform bits {bits} not in {MIN_UNIFORM_BITS}..{MAX_UNIFORM_BITS}")
+    _expect(len(shape) >= 2, f"{name}: a uniform layer's shape needs >= 2 dimensions")
+    steps = _float32_values(record["steps"], f"{name}: steps")
+    _expect(steps.size == shape[0] and (steps >= STEP_MIN).all(),
+            f"{name}: steps must be {shape[0]} numbers >= {STEP_MIN}")
+    qn, _ = integer_range(bits)
+    start = record["offset"]
+    levels = unpack_bits(payload[start:start + record["nbytes"]], bits, record["count"]) - qn
+    step = torch.from_numpy(steps)
+    weight = levels.to(torch.float32).view(shape) * step.view(-1, *([1] * (len(shape) - 1)))
+    return {_key(name, "weight"): weight, _key(name, "step"): step}
+
+
 def _state_dict(header, payload, model):
     """State dict for ``model`` from a format-checked header and payload."""
     expected = model.state_dict()
-    layers = dict(ring_layers(model))
-    ring_keys = {_key(name, attr) for name in layers for attr in ("positions", "ring_template")}
+    layers = dict(quantized_layers(model))
+    packed_keys = {_key(name, k) for name, layer in layers.items() for k in layer.state_dict()}
     rings = [_float32_values(r, f"ring {i}") for i, r in enumerate(header["rings"])]
     state = {}
     for record in header["tensors"]:
         name = record["name"]
         if record["kind"] == "raw":
-            _expect(name in expected and name not in ring_keys,
+            _expect(name in expected and name not in packed_keys,
                     f"unexpected raw tensor {name!r} for this model")
             tensors = {name: _raw_tensor(record, payload)}
+        elif record["kind"] == "uniform":
+            _expect(isinstance(layers.get(name), UniformLayer),
+                    f"{name!r} is not a uniform layer of this model")
+            tensors = _uniform_tensors(record, payload)
         else:
-            _expect(name in layers, f"{name!r} is not a ring layer of this model")
+            _expect(isinstance(layers.get(name), RingLayer),
+                    f"{name!r} is not a ring layer of this model")
             _expect(0 <= record["ring"] < len(rings), f"{name}: ring {record['ring']} not stored")
             ring = rings[record["ring"]]
             tensors = {_key(name, "positions"): _positions(record, payload, ring),
@@ -450,35 +511,39 @@ def size_report(model, packed_path):
 
     fp32_state_dict_bytes: the state dict of the same network held as an
     ordinary FP32 one, sum of numel * 4 over its entries, counting one float32
-    per ring weight (positions) and no ring buffer. ratio =
-    fp32_state_dict_bytes / file_bytes; quantized_layers_ratio = 32 *
-    quantized_weights / sum over ring layers of bits * count (padding excluded).
-    level_counts_per_layer: weights per level (levels sorted by value, as in
-    ``levels_per_layer``); entropy_bits_per_layer: :func:`value_entropy_bits` of
-    those counts; quantized_entropy_bits: sum over ring layers of entropy * count, the
-    bits an ideal entropy coder would need for the quantized layers.
+    per quantized weight (positions, latent weights) and no ring buffer or
+    steps. ratio = fp32_state_dict_bytes / file_bytes; quantized_layers_ratio
+    = 32 * quantized_weights / sum over quantized layers of bits * count
+    (padding excluded). levels_per_layer: ring values, or the integer levels of
+    a uniform layer; level_counts_per_layer: weights per level (levels sorted
+    by value); entropy_bits_per_layer: :func:`value_entropy_bits` of those
+    counts; quantized_entropy_bits: sum over quantized layers of entropy *
+    count, the bits an ideal entropy coder would need for the quantized layers.
     """
     try:
         header, _ = _read_packed(packed_path)
     except _FormatError as e:
         raise CheckpointError(f"{packed_path}: {e}") from None
-    packed = [r for r in header["tensors"] if r["kind"] == "packed"]
-    layers = ring_layers(model)
-    if [(r["name"], r["count"]) for r in packed] != [(n, m.positions.numel()) for n, m in layers]:
-        raise CheckpointError(f"{packed_path}: packed ring layers do not match the model")
-    skip = {_key(name, "ring_template") for name, _ in layers}
+    packed = [r for r in header["tensors"] if r["kind"] in QUANTIZED_KINDS]
+    layers = quantized_layers(model)
+    codes = [layer_codes(layer) for _, layer in layers]
+    if [(r["name"], r["count"]) for r in packed] != [(n, c[1].size) for (n, _), c in
+                                                      zip(layers, codes)]:
+        raise CheckpointError(f"{packed_path}: packed quantized layers do not match the model")
+    skip = {_key(name, k) for name, layer in layers
+            for k in (("ring_template",) if isinstance(layer, RingLayer) else ("step",))}
     fp32_bytes = 4 * sum(t.numel() for k, t in model.state_dict().items() if k not in skip)
     file_bytes = os.path.getsize(packed_path)
     weights = sum(r["count"] for r in packed)
     bits = sum(r["bits"] * r["count"] for r in packed)
-    counts = {name: np.bincount(level_indices(layer)[2], minlength=len(r["levels"]))
-              for (name, layer), r in zip(layers, packed)}
-    entropy = {r["name"]: value_entropy_bits(r["levels"], counts[r["name"]]) for r in packed}
+    levels = {name: c[0] for (name, _), c in zip(layers, codes)}
+    counts = {name: np.bincount(c[1], minlength=len(c[0])) for (name, _), c in zip(layers, codes)}
+    entropy = {name: value_entropy_bits(levels[name], counts[name]) for name in levels}
     return {"file_bytes": file_bytes, "fp32_state_dict_bytes": fp32_bytes,
             "ratio": fp32_bytes / file_bytes, "quantized_weights": weights,
             "quantized_bits": bits, "quantized_layers_ratio": 32 * weights / bits,
             "bits_per_layer": {r["name"]: r["bits"] for r in packed},
-            "levels_per_layer": {r["name"]: r["levels"] for r in packed},
+            "levels_per_layer": levels,
             "level_counts_per_layer": {name: c.tolist() for name, c in counts.items()},
             "entropy_bits_per_layer": entropy,
             "quantized_entropy_bits": sum(entropy[r["name"]] * r["count"] for r in packed),

@@ -22,6 +22,21 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message}\n")
 
 
+def int_in(minimum, maximum=None):
+    """argparse type: an integer >= ``minimum`` (and <= ``maximum`` when given)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(
+                f"must be >= {minimum}, got {value}" if maximum is None
+                else f"must be between {minimum} and {maximum}, got {value}")
+        return value
+    return parse
+
+
 def resolve_device(name):
     """torch.device for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; RingqError otherwise."""
     if name == "auto":

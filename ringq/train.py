@@ -22,14 +22,15 @@ from typing import NamedTuple
 import torch
 
 from models import build_model
-from models.utils import count_parameters, ring_layers, ring_summary
+from models.convert import init_from_fp32
+from models.utils import count_parameters, quant_summary, ring_layers, ring_summary
 
 from . import config as config_lib
 from . import data as data_lib
-from .checkpoint import (FORMAT, load_state, remove_stale_temps, safe_load, save_atomic,
-                         write_text_atomic)
+from .atomic import remove_stale_temps, save_atomic, write_text_atomic
+from .checkpoint import FORMAT, load_model_from_checkpoint, load_state, safe_load
 from .distributed import cleanup, convert_batchnorm, init_distributed, local_rank_first, unwrap
-from .engine import (Interrupted, NonFiniteError, StopSignals, apply_epoch_schedule, evaluate,
+from .engine import (Interrupted, NonFiniteError, StopSignals, apply_epoch_schedule,
                      evaluate_all_modes, lr_at, sigma_at, train_mode_at, train_one_epoch)
 from .errors import CheckpointError, DataError, RingqError
 from .precision import resolve_precision
@@ -217,6 +218,35 @@ def _prepare_model(cfg, train, device, dist_info):
     return model, mcfg
 
 
+def _init_from(model, mcfg, path):
+    """Start ``model`` from the FP32 checkpoint at ``path`` (:func:`init_from_fp32`).
+
+    CheckpointError (one line) when the file is unreadable, not FP32 or of another network.
+    """
+    fp32, fp32_config, _ = load_model_from_checkpoint(path)
+    if fp32_config.get("quantization") != "none":
+        raise CheckpointError(f"{path}: not an FP32 checkpoint (quantization "
+                              f"{fp32_config.get('quantization')!r}); --init-from needs the "
+                              f"last.pt or best.pt of a --quantization none run")
+    if fp32_config.get("model") != mcfg["model"]:
+        raise CheckpointError(f"{path}: holds a {fp32_config.get('model')}, this run trains a "
+                              f"{mcfg['model']}")
+    try:
+        init_from_fp32(model, fp32.state_dict())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _describe(summary):
+    """What the log says about a model's weights."""
+    if summary is None:
+        return "FP32"
+    if "bits" in summary:
+        return f"uniform {summary['bits']}-bit ({summary['num_distinct_values']} levels per channel)"
+    return (f"ring-{summary['ring_size']} ({summary['num_distinct_values']} distinct values, "
+            f"{summary['effective_bits']:.2f} effective bits)")
+
+
 def _wrap(model, cfg, device, dist_info):
     if dist_info.enabled:
         convert_batchnorm(model)
@@ -229,7 +259,7 @@ def _wrap(model, cfg, device, dist_info):
 
 def _checkpoint(run, epoch, history, best):
     """Everything to resume or evaluate the run; ``sigma`` is the kernel width in effect."""
-    summary = ring_summary(unwrap(run.model))
+    summary = ring_summary(unwrap(run.model))  # sigma: ring models only
     return {"format": FORMAT, "version": 2, "config": run.cfg, "model_config": run.mcfg,
             "model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": {"type": "MultiStepLR", "milestones": list(run.cfg["schedule"]),
@@ -308,7 +338,6 @@ class _Run(NamedTuple):
     eval_loaders: dict
     select_split: str
     base_sigma: float
-    summary: dict
     device: torch.device
     precision: str
     dist_info: object
@@ -347,7 +376,11 @@ def _setup(cfg, resume, overwrite, out, device, precision, dist_info, stop):
     """
     train_set, val_set, test_set = load_datasets(cfg, dist_info, device)
     model, mcfg = _prepare_model(cfg, train_set, device, dist_info)
-    summary = ring_summary(model)
+    summary, ring = quant_summary(model), ring_summary(model)
+    base_sigma = ring["sigma"] if ring else None
+    if cfg["init_from"] is not None and resume is None:
+        apply_epoch_schedule(model, cfg, base_sigma, 1)  # match the weights epoch 1 starts with
+        _init_from(model, mcfg, cfg["init_from"])
     optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg["lr"],
                                 momentum=cfg["momentum"])
     history, best, start_epoch, rng = [], {"epoch": 0, "accuracy": -1.0}, 1, None
@@ -358,9 +391,8 @@ def _setup(cfg, resume, overwrite, out, device, precision, dist_info, stop):
     train_loader, eval_loaders = make_loaders(cfg, train_set, val_set, test_set, dist_info, device)
     if dist_info.is_main:
         _prepare_output(out, cfg, resume, overwrite, history)
-    _log(dist_info, f"run {out}: {cfg['model']} "
-         + (f"ring-{summary['ring_size']} ({summary['num_distinct_values']} distinct values, "
-            f"{summary['effective_bits']:.2f} effective bits)" if summary else "FP32")
+    _log(dist_info, f"run {out}: {cfg['model']} {_describe(summary)}"
+         + (f" from {cfg['init_from']}" if cfg["init_from"] else "")
          + f", {count_parameters(unwrap(model)):,} parameters, {len(train_set)} training images, "
          f"device {device} ({precision}), {dist_info.world_size} process(es)")
     select_split = "val" if val_set is not None else "test"
@@ -368,13 +400,17 @@ def _setup(cfg, resume, overwrite, out, device, precision, dist_info, stop):
         _log(dist_info, "model selection on the TEST split (published protocol); pass "
                         "--val-split N for an honest held-out selection")
     run = _Run(cfg, mcfg, model, optimizer, train_loader, eval_loaders, select_split,
-               summary["sigma"] if summary else None, summary, device, precision, dist_info, stop)
+               base_sigma, device, precision, dist_info, stop)
     return run, history, best, start_epoch, rng
 
 
 def _run_epoch(run, epoch):
-    """Train and evaluate one epoch: (metrics row, selection score, train stats)."""
-    cfg, summary, start = run.cfg, run.summary, time.time()
+    """Train and evaluate one epoch: (metrics row, (selection mode, its accuracy), train stats).
+
+    Row columns eval_loss / eval_acc hold the first of the model's modes (soft for ring
+    models, hard for uniform ones, fp32); eval_hard_* hold hard mode's.
+    """
+    cfg, start = run.cfg, time.time()
     apply_epoch_schedule(unwrap(run.model), cfg, run.base_sigma, epoch)
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
@@ -383,28 +419,29 @@ def _run_epoch(run, epoch):
     progress = not cfg["quiet"] and run.dist_info.is_main
     stats = train_one_epoch(run.model, run.train_loader, run.optimizer, cfg, epoch, run.device,
                             run.stop, progress, run.precision)
-    loader = run.eval_loaders[run.select_split]
-    soft = evaluate(run.model, loader, run.device, "soft" if summary else None,
-                    cfg["channels_last"])
-    hard = evaluate(run.model, loader, run.device, "hard", cfg["channels_last"]) \
-        if summary else None
+    results = evaluate_all_modes(run.model, run.eval_loaders[run.select_split], run.device,
+                                 cfg["channels_last"])
+    first, hard = next(iter(results.values())), results.get("hard")  # soft, hard or fp32
+    ring = run.base_sigma is not None
     row = {"epoch": epoch, "lr": lr,
-           "sigma": f"{sigma_at(cfg, run.base_sigma, epoch):.6g}" if summary else "",
-           "weight_mode": train_mode_at(cfg, epoch) if summary else "fp32",
+           "sigma": f"{sigma_at(cfg, run.base_sigma, epoch):.6g}" if ring else "",
+           "weight_mode": train_mode_at(cfg, epoch) if ring else "hard" if hard else "fp32",
            "train_loss": f"{stats['loss']:.6f}", "train_acc": f"{stats['accuracy']:.4f}",
-           "eval_split": run.select_split, "eval_loss": f"{soft['loss']:.6f}",
-           "eval_acc": f"{soft['accuracy']:.4f}",
+           "eval_split": run.select_split, "eval_loss": f"{first['loss']:.6f}",
+           "eval_acc": f"{first['accuracy']:.4f}",
            "eval_hard_loss": f"{hard['loss']:.6f}" if hard else "",
            "eval_hard_acc": f"{hard['accuracy']:.4f}" if hard else "",
            "skipped_steps": stats["skipped_steps"], "time_s": f"{time.time() - start:.2f}"}
-    score = (hard if cfg["select_mode"] == "hard" else soft)["accuracy"]
-    return row, score, stats
+    mode = cfg["select_mode"] if cfg["select_mode"] in results else next(iter(results))
+    return row, (mode, results[mode]["accuracy"]), stats
 
 
 def _epoch_line(run, row, stats, best):
     """The log line of one finished epoch."""
-    hard = f"soft {float(row['eval_acc']):.2f} hard {float(row['eval_hard_acc']):.2f}" \
-        if row["eval_hard_acc"] else f"acc {float(row['eval_acc']):.2f}"
+    if row["sigma"]:
+        hard = f"soft {float(row['eval_acc']):.2f} hard {float(row['eval_hard_acc']):.2f}"
+    else:
+        hard = f"{'hard' if row['eval_hard_acc'] else 'acc'} {float(row['eval_acc']):.2f}"
     return (f"epoch {row['epoch']}/{run.cfg['epochs']} lr {row['lr']:.4g} | train loss "
             f"{stats['loss']:.4f} acc {stats['accuracy']:.2f} | {run.select_split} {hard} | "
             f"best {best['accuracy']:.2f} (epoch {best['epoch']}) | {row['time_s']}s"
@@ -421,13 +458,11 @@ def _train(cfg, resume, overwrite, out, device, precision, dist_info, stop):
         save_atomic(_checkpoint(run, 0, history, best), out / "last.pt")
     _check_stop(stop, device, "before training started")
     for epoch in range(start_epoch, run.cfg["epochs"] + 1):
-        row, score, stats = _run_epoch(run, epoch)
+        row, (mode, score), stats = _run_epoch(run, epoch)
         history.append(row)
         improved = score > best["accuracy"]
         if improved:
-            best = {"epoch": epoch, "accuracy": score,
-                    "mode": run.cfg["select_mode"] if run.summary else "fp32",
-                    "split": run.select_split}
+            best = {"epoch": epoch, "accuracy": score, "mode": mode, "split": run.select_split}
         if main_process:
             ckpt = _checkpoint(run, epoch, history, best)
             if improved:
@@ -450,16 +485,17 @@ def _train(cfg, resume, overwrite, out, device, precision, dist_info, stop):
 
 def report_dict(model, mcfg, results, **extra):
     """The JSON schema shared by evaluate.py --json and final.json."""
-    summary = ring_summary(model)
+    summary = quant_summary(model)
     out = {"accuracy": {m: round(r["accuracy"], 4) for m, r in results.items()},
            "loss": {m: round(r["loss"], 6) for m, r in results.items()},
            "num_examples": next(iter(results.values()))["num_examples"],
            "model": mcfg["model"], "quantization": mcfg["quantization"],
            "parameters": count_parameters(model)}
     if summary:
-        out.update({k: summary[k] for k in ("ring_size", "ring_type", "ring_layout",
+        out.update({k: summary[k] for k in ("ring_size", "ring_type", "ring_layout", "bits",
                                             "nominal_bits", "num_distinct_values",
-                                            "effective_bits", "distinct_values")})
+                                            "effective_bits", "distinct_values")
+                    if k in summary})
     out.update(extra)
     return out
 

@@ -8,8 +8,8 @@ import zipfile
 import pytest
 import torch
 
-from ringq.checkpoint import (load_model_from_checkpoint, remove_stale_temps, safe_load,
-                              save_atomic, write_text_atomic)
+from ringq.atomic import remove_stale_temps, save_atomic, write_text_atomic
+from ringq.checkpoint import load_model_from_checkpoint, safe_load
 from ringq.errors import CheckpointError, RingqError
 from run_helpers import Payload, save_checkpoint
 

@@ -64,7 +64,7 @@ CASES = [  # (id, CLI, arguments, fragment of the error line)
     ("seed-negative", "mnist", TRAIN + " --seed -1", "seed must be in [0, 2**32)"),
     ("ste-beyond-epochs", "mnist", TRAIN + " --ste-epochs 3", "ste_epochs: 3 is more than"),
     ("hard-selection-fp32", "mnist", TRAIN + " --quantization none --select-mode hard",
-     "select_mode: 'hard' needs a ring model"),
+     "select_mode: 'hard' needs a ring or uniform model"),
     ("val-split-too-large", "mnist", TRAIN + " --val-split 500",
      "val_split 500 is not smaller than the 120 training images"),
     ("subset-too-large", "mnist", TRAIN + " --subset 500",
@@ -120,6 +120,36 @@ CASES = [  # (id, CLI, arguments, fragment of the error line)
      "subset 100 is larger than the 8 training images"),
     ("cifar-resume-mnist-run", "cifar10", "--resume {run}/last.pt",
      "checkpoint of a lenet run; resume it with train_mnist.py"),
+    ("bits-1", "mnist", TRAIN + " --quantization uniform --bits 1",
+     "bits must be between 2 and 8, got 1"),
+    ("bits-9", "mnist", TRAIN + " --quantization uniform --bits 9",
+     "bits must be between 2 and 8, got 9"),
+    ("bits-word", "mnist", TRAIN + " --quantization uniform --bits four",
+     "argument --bits: invalid int value: 'four'"),
+    ("uniform-without-bits", "mnist", TRAIN + " --quantization uniform",
+     "bits: --quantization uniform needs --bits K"),
+    ("bits-with-ring", "mnist", TRAIN + " --bits 4", "bits: only for --quantization uniform"),
+    ("init-from-missing", "mnist", TRAIN + " --init-from {root}/gone.pt", "gone.pt: no such file"),
+    ("init-from-code", "mnist", TRAIN + " --init-from {root}/code.pt",
+     "refused: loading it would call"),
+    ("init-from-ring-run", "mnist", TRAIN + " --quantization uniform --bits 4 --init-from "
+     "{run}/last.pt", "not an FP32 checkpoint (quantization 'ring')"),
+    ("init-from-other-network", "mnist", TRAIN + " --init-from {root}/mlp_fp32.pt",
+     "mlp_fp32.pt: holds a mlp, this run trains a lenet"),
+    ("init-from-into-fp32", "mnist", TRAIN + " --quantization none --init-from {root}/mlp_fp32.pt",
+     "init_from: needs a quantized model"),
+    ("resume-changed-bits", "mnist", "--resume {run}/last.pt --quantization uniform --bits 4",
+     "it cannot continue with quantization='uniform', bits=4"),
+    ("evaluate-ptq-bits-9", "evaluate", EVAL + " {run}/last.pt --ptq-bits 9",
+     "argument --ptq-bits: must be between 2 and 8, got 9"),
+    ("evaluate-ptq-of-ring", "evaluate", EVAL + " {run}/last.pt --ptq-bits 4",
+     "post-training quantization needs an FP32 checkpoint"),
+    ("export-bits-1", "export", "--output {root}/out.rqp --checkpoint {root}/mlp_fp32.pt --bits 1",
+     "argument --bits: must be between 2 and 8, got 1"),
+    ("export-bits-of-ring", "export", "--output {root}/out.rqp --checkpoint {run}/last.pt --bits 4",
+     "holds a ring model"),
+    ("export-fp32-without-bits", "export", "--output {root}/out.rqp --checkpoint "
+     "{root}/mlp_fp32.pt", "has no quantized layers (pass --bits K"),
     ("evaluate-no-checkpoint-flag", "evaluate", "--quiet",
      "the following arguments are required: --checkpoint"),
     ("evaluate-missing", "evaluate", EVAL + " {root}/gone.pt", "no such file"),
@@ -151,7 +181,9 @@ CASES = [  # (id, CLI, arguments, fragment of the error line)
      "no such file"),
 ]
 SUBPROCESS = {"ring-size-word", "yaml-invalid", "data-dir-missing", "resume-code",
-              "evaluate-code", "export-code"}
+              "evaluate-code", "export-code", "init-from-ring-run", "export-bits-1"}
+MLP_FP32 = {"model": "mlp", "quantization": "none", "num_classes": 10, "in_channels": 1,
+            "image_size": 28}
 SCRIPTS = {"mnist": "train_mnist.py", "cifar10": "train_cifar10.py",
            "evaluate": "evaluate.py", "export": "export.py"}
 
@@ -182,6 +214,7 @@ def inputs(idx_data, tmp_path_factory):
     (root / "code.pkl").write_bytes(pickle.dumps(Payload(root / "MARKER")))
     torch.save(torch.load(run / "last.pt", weights_only=True)["model"], root / "state_dict.pt")
     save_checkpoint(root / "resnet.pt", RESNET20, {"model": "resnet20", "dataset": "cifar10"})
+    save_checkpoint(root / "mlp_fp32.pt", MLP_FP32, {"model": "mlp", "dataset": "fashion-mnist"})
     tampered = torch.load(run / "last.pt", weights_only=True)
     tampered["model_config"] = {**tampered["model_config"], "model": "mlp"}
     torch.save(tampered, root / "tampered.pt")

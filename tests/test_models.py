@@ -89,7 +89,7 @@ def test_ring_layers_share_one_quantizer_and_modes():
     assert len({id(layer.quantizer) for _, layer in layers}) == 1
     set_weight_mode(model, "hard")
     conv = layers[0][1]
-    w = conv.ring_weight()
+    w = conv.quantized_weight()
     assert torch.isin(w, conv.ring_template).all()
 
 
@@ -98,7 +98,7 @@ def test_ring_conv_matches_plain_conv_with_same_weights():
     x = torch.randn(2, 3, 9, 9)
     plain = nn.Conv2d(3, 5, 3, 2, 1, bias=False)
     with torch.no_grad():
-        plain.weight.copy_(conv.ring_weight().view(5, 3, 3, 3))
+        plain.weight.copy_(conv.quantized_weight().view(5, 3, 3, 3))
     assert torch.allclose(conv(x), plain(x), atol=1e-6)
     assert conv.fan_in == 3 * 3 * 3 == plain.weight[0].numel()
 
@@ -113,16 +113,16 @@ def test_ring_linear_positions_shape_and_forward():
 def test_eval_weights_cached_until_positions_change():
     conv = RingConv2d(2, 2, 3, quantizer=RingQuantizer(ring_size=8))
     with torch.no_grad():
-        w1 = conv.ring_weight()
-        assert conv.ring_weight() is w1
+        w1 = conv.quantized_weight()
+        assert conv.quantized_weight() is w1
         conv.positions.add_(0.01)
-        w2 = conv.ring_weight()
+        w2 = conv.quantized_weight()
         assert w2 is not w1 and not torch.equal(w1, w2)
         conv.quantizer.mode = "hard"
-        assert torch.isin(conv.ring_weight(), conv.ring_template).all()
+        assert torch.isin(conv.quantized_weight(), conv.ring_template).all()
     # with autograd on, soft weights are recomputed and carry a graph
     conv.quantizer.mode = "soft"
-    assert conv.ring_weight().grad_fn is not None
+    assert conv.quantized_weight().grad_fn is not None
 
 
 def test_clamp_positions():

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from models import build_model
 from models.ring_math import hard_indices, ring_values, snap_to_ring
-from models.utils import ring_layers, set_weight_mode
+from models.utils import ring_layers, set_weight_mode, uniform_layers
 from ringq.errors import CheckpointError
 from ringq.packing import (entropy_bits, export_packed, is_packed_file, level_indices,
                            level_table, load_packed, pack_bits, size_report, unpack_bits,
@@ -351,7 +351,7 @@ CORRUPTIONS = {
                  "corrupt header"),
     "header not a dict": (lambda d: _join(b"[1, 2]", _split(d)[1]), "not a JSON object"),
     "flipped payload byte": (_flip_payload_byte, "sha256"),
-    "future version": (lambda d: _with_header(d, lambda h: _set(h, version=2)), "version"),
+    "future version": (lambda d: _with_header(d, lambda h: _set(h, version=3)), "version"),
     "no sha": (lambda d: _with_header(d, lambda h: h.pop("payload_sha256") and None),
                "payload_sha256"),
     "offset out of range": (lambda d: _with_header(
@@ -471,7 +471,8 @@ def test_cli_refuses_fp32_model(monkeypatch, tmp_path, capsys, export_cli):
     _use_model(monkeypatch, export_cli, build_model(config), config)
     assert _export(export_cli, "--checkpoint", "fp32.pt", "--output", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err
-    assert err == "error: nothing to pack: fp32.pt has no ring layers\n"
+    assert err == ("error: nothing to pack: fp32.pt has no quantized layers (pass --bits K to "
+                   "quantize an FP32 checkpoint)\n")
 
 
 def test_cli_reports_user_errors_in_one_line(monkeypatch, tmp_path, capsys, export_cli,
@@ -501,3 +502,92 @@ def test_cli_packs_upstream_checkpoint(tmp_path, capsys, upstream_dir, export_cl
     # The original ring-4 buffer holds 3 distinct float32 values (two differ in the last
     # bit), so a bit-exact packing needs 2 bits there, not 1.
     assert size_report(model, out)["quantized_layers_ratio"] >= 16
+
+
+# --- uniform K-bit models ----------------------------------------------------------
+
+def _random_uniform(config, seed=0):
+    """A uniform model with trained-looking steps (some weights clipped) and random BN stats."""
+    torch.manual_seed(seed)
+    model = build_model(config)
+    with torch.no_grad():
+        for _, layer in uniform_layers(model):
+            layer.step.mul_(torch.empty_like(layer.step).uniform_(0.3, 3.0))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", [
+    dict(model="lenet", quantization="uniform", bits=2),
+    dict(model="lenet", quantization="uniform", bits=4, fp32_first_layer=True),
+    dict(model="mlp", quantization="uniform", bits=3, num_classes=7),
+    dict(model="mlp", quantization="uniform", bits=8),
+    dict(model="resnet20", quantization="uniform", bits=2),
+], ids=["lenet2", "lenet4-fp32-first", "mlp3", "mlp8", "resnet20-2"])
+def test_uniform_round_trip_is_exact(tmp_path, config):
+    model = _random_uniform(config)
+    path = tmp_path / "model.rqp"
+    stats = export_packed(model, config, path)
+    loaded, loaded_config, _ = load_packed(path)
+    bits = config["bits"]
+    assert loaded_config == config and set(stats["bits_per_layer"].values()) == {bits}
+    assert torch.equal(_logits(loaded, config), _logits(model, config))
+    for (_, a), (_, b) in zip(uniform_layers(model), uniform_layers(loaded)):
+        with torch.no_grad():  # equal values (a weight rounded to 0 may read -0.0 in the source)
+            assert torch.equal(a.quantized_weight(), b.quantized_weight())
+        assert torch.equal(a.step, b.step) and torch.equal(a.integers(), b.integers())
+    report = size_report(model, path)
+    assert report["quantized_layers_ratio"] == 32 / bits
+    weights = sum(m.weight.numel() for _, m in uniform_layers(model))
+    assert report["quantized_weights"] == weights
+    fp32 = build_model({**config, "quantization": "none"})
+    assert report["fp32_state_dict_bytes"] == 4 * sum(t.numel() for t in fp32.state_dict().values())
+    for name, layer in uniform_layers(model):
+        assert report["levels_per_layer"][name] == list(range(-2 ** (bits - 1), 2 ** (bits - 1)))
+        counts = report["level_counts_per_layer"][name]
+        integers = layer.integers().reshape(-1) + 2 ** (bits - 1)
+        assert counts == torch.bincount(integers, minlength=2 ** bits).tolist()
+        assert 0 < report["entropy_bits_per_layer"][name] <= bits
+
+
+def test_uniform_file_is_small(tmp_path):
+    config = dict(model="lenet", quantization="uniform", bits=4)
+    model = _random_uniform(config)
+    stats = export_packed(model, config, tmp_path / "m.rqp")
+    assert stats["packed_bytes"] == sum((m.weight.numel() * 4 + 7) // 8
+                                        for _, m in uniform_layers(model))
+    assert stats["file_bytes"] < stats["packed_bytes"] + stats["raw_bytes"] + 20_000
+
+
+@pytest.fixture(scope="module")
+def uniform_file(tmp_path_factory):
+    config = dict(model="mlp", quantization="uniform", bits=3)
+    path = tmp_path_factory.mktemp("uniform") / "mlp3.rqp"
+    export_packed(_random_uniform(config), config, path)
+    return path
+
+
+UNIFORM_CORRUPTIONS = {
+    "uniform in a version-1 file": (lambda h: _set(h, version=1), "unknown kind 'uniform'"),
+    "steps missing": (lambda h: _record(h, "features.1").pop("steps") and None, "steps"),
+    "steps of other length": (lambda h: _record(h, "features.1")["steps"].pop() and None,
+                              "steps must be"),
+    "step zero": (lambda h: _record(h, "features.1")["steps"].__setitem__(0, 0.0),
+                  "steps must be"),
+    "one bit": (lambda h: _set(_record(h, "features.1"), bits=1, nbytes=784 * 512 // 8),
+                "uniform bits 1"),
+    "uniform record for a BatchNorm": (lambda h: _set(_record(h, "features.1"), name="features.2"),
+                                       "not a uniform layer"),
+}
+
+
+@pytest.mark.parametrize("corruption", UNIFORM_CORRUPTIONS)
+def test_malformed_uniform_files_are_refused(tmp_path, uniform_file, corruption):
+    edit, reason = UNIFORM_CORRUPTIONS[corruption]
+    path = tmp_path / "bad.rqp"
+    path.write_bytes(_with_header(uniform_file.read_bytes(), edit))
+    with pytest.raises(CheckpointError, match=reason):
+        load_packed(path)
