@@ -3,8 +3,8 @@ import torch.nn as nn
 
 from .mnist_nets import LeNet, MLP
 from .resnet_ring import DEPTHS, cifar_resnet
-from .ring_layers import (RingConv2d, RingLinear, RingQuantizer, clear_ring_weights,
-                          precompute_ring_weights)
+from .quant_layers import clear_weights, prepare_weights
+from .ring_layers import RingConv2d, RingLinear, RingQuantizer
 from .uniform_layers import UniformConv2d, UniformLayer, UniformLinear, UniformQuantizer
 
 CIFAR_MODELS = tuple(DEPTHS)
@@ -73,9 +73,9 @@ def build_model(config):
         model = MLP(linear, num_classes, in_channels, image_size, first_linear)
     else:
         model = LeNet(conv, linear, num_classes, in_channels, image_size, first_conv)
-    if config["quantization"] == "ring":
-        model.register_forward_pre_hook(precompute_ring_weights)
-        model.register_forward_hook(clear_ring_weights)
+    if config["quantization"] != "none":
+        model.register_forward_pre_hook(prepare_weights)
+        model.register_forward_hook(clear_weights)
     for layer in model.modules():
         if isinstance(layer, UniformLayer):
             layer.reset_step()  # after the network's own weight initialisation

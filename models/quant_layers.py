@@ -45,15 +45,27 @@ class QuantizedLayer(nn.Module):
         raise NotImplementedError
 
     def quantized_weight(self):
+        """Weight values in the current mode (shape of the latent parameter).
+
+        Inside a model's forward these are the ones :func:`prepare_weights` left for
+        it; a layer called on its own computes them with :meth:`eager_weight`.
+        """
+        weight = self._step_weight
+        return weight if weight is not None else self.eager_weight()
+
+    @torch.compiler.disable
+    def eager_weight(self):
         """Weight values in the current mode, reused while the latent tensors are unchanged.
 
         Weights are recomputed when autograd needs a graph; otherwise (eval,
         ``torch.no_grad``) they are cached until a latent tensor or the mode changes.
+        Never traced by ``torch.compile``: the cache key (tensor versions and
+        addresses, the mode, sigma) is Python bookkeeping that would break the graph
+        and recompile it whenever it changes.
         """
         latent = self.latent()
         if torch.is_grad_enabled() and any(t.requires_grad for t in latent):
-            weight, self._step_weight = self._step_weight, None
-            return weight if weight is not None else self.compute_weight()
+            return self.compute_weight()
         key = tuple((t._version, t.data_ptr(), t.device) for t in latent) \
             + (self.quantizer.cache_key(),)
         if key != self._cache_key:
@@ -61,6 +73,12 @@ class QuantizedLayer(nn.Module):
                 self._cached = self.compute_weight()
             self._cache_key = key
         return self._cached
+
+    @staticmethod
+    def batch_weights(layers):
+        """Set ``_step_weight`` of ``layers`` (all of this class's kind) in fewer calls than
+        one per layer, where the quantizer allows; called with autograd on. Default: no
+        batching."""
 
     @property
     def fan_in(self):
@@ -105,3 +123,36 @@ class QuantizedLinear:
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, " + super().extra_repr()
+
+
+def quantized_layers(module):
+    """Every :class:`QuantizedLayer` in ``module``, in module order."""
+    return [m for m in module.modules() if isinstance(m, QuantizedLayer)]
+
+
+@torch.compiler.disable
+def prepare_weights(module, inputs=None):
+    """Forward pre-hook of a quantized model: each layer's weights for this forward.
+
+    With autograd on, layers whose class batches (ring layers sharing a table) get
+    theirs from one call; the others compute their own, cached in eval. Runs
+    eagerly, also under ``torch.compile``, so the compiled graph only reads the
+    weight tensors: sigma annealing, mode switches and position updates recompile
+    nothing.
+    """
+    layers = quantized_layers(module)
+    for layer in layers:
+        layer._step_weight = None
+    if torch.is_grad_enabled():
+        for batch in dict.fromkeys(type(layer).batch_weights for layer in layers):
+            batch([layer for layer in layers if type(layer).batch_weights is batch])
+    for layer in layers:
+        if layer._step_weight is None:
+            layer._step_weight = layer.eager_weight()
+
+
+@torch.compiler.disable
+def clear_weights(module, inputs=None, output=None):
+    """Forward hook: drop the weights :func:`prepare_weights` set (they hold the step's graph)."""
+    for layer in quantized_layers(module):
+        layer._step_weight = None

@@ -55,9 +55,13 @@ class RingQuantizer:
     def ring(self):
         return ring_math.ring_values(self.ring_size, self.ring_type, self.layout)
 
-    def table(self, ring):
-        """The interpolation table of ``ring`` at the current sigma, shared by equal rings."""
-        key = (tuple(ring.tolist()), self.sigma, self.interpolation, ring.dtype, ring.device)
+    def table(self, ring, values=None):
+        """The interpolation table of ``ring`` at the current sigma, shared by equal rings.
+
+        ``values``: ``tuple(ring.tolist())``, when the caller holds it (saves a device read).
+        """
+        values = tuple(ring.tolist()) if values is None else values
+        key = (values, self.sigma, self.interpolation, ring.dtype, ring.device)
         if key not in self._tables:
             if len(self._tables) >= 8:
                 self._tables.pop(next(iter(self._tables)))
@@ -92,6 +96,8 @@ class RingLayer(QuantizedLayer):
         self.positions = nn.Parameter(torch.rand(shape))
         self._table = None
         self._table_key = None
+        self._ring_buffer = None
+        self._ring_values = None
 
     @property
     def ring_size(self):
@@ -108,11 +114,39 @@ class RingLayer(QuantizedLayer):
         if self.quantizer.mode == "hard":
             return None
         ring = self.ring_template
-        key = (ring.data_ptr(), ring._version, ring.dtype, self.quantizer.sigma,
-               self.quantizer.interpolation)
+        buffer = (ring.data_ptr(), ring._version, ring.dtype, ring.device)
+        if buffer != self._ring_buffer:  # read the ring's values once per buffer change
+            self._ring_buffer, self._ring_values = buffer, tuple(ring.tolist())
+        key = (buffer, self.quantizer.sigma, self.quantizer.interpolation)
         if key != self._table_key:
-            self._table, self._table_key = self.quantizer.table(ring), key
+            self._table = self.quantizer.table(ring, self._ring_values)
+            self._table_key = key
         return self._table
+
+    @staticmethod
+    def batch_weights(layers):
+        """Weights of all ring ``layers`` sharing an interpolation table in one call.
+
+        A training step otherwise runs the interpolation's dozen small operations
+        once per layer; here they run once per table, on the concatenated
+        positions, and each layer gets its slice as ``_step_weight`` (the gradient
+        reaches every layer's positions through the concatenation). Layers in hard
+        mode, or alone with their table, are left to compute their own.
+        """
+        groups = {}
+        for layer in layers:
+            if layer.positions.requires_grad:
+                table = layer._ring_table()
+                if table is not None:
+                    groups.setdefault(id(table), (table, []))[1].append(layer)
+        for table, group in groups.values():
+            if len(group) < 2:
+                continue
+            flat = torch.cat([layer.positions.reshape(-1) for layer in group])
+            first = group[0]
+            weights = first.quantizer.weights(flat, first.ring_template, table)
+            for layer, weight in zip(group, weights.split([l.positions.numel() for l in group])):
+                layer._step_weight = weight.view_as(layer.positions)
 
     def hard_indices(self):
         """Ring index of every weight, int64, shape of ``positions``."""
@@ -161,38 +195,3 @@ class RingLinear(QuantizedLinear, RingLayer):
 
 
 RING_LAYERS = (RingConv2d, RingLinear)
-
-
-def precompute_ring_weights(module, inputs=None):
-    """Compute the weights of all ring layers sharing a table in one call.
-
-    A training step otherwise runs the interpolation's dozen small operations
-    once per layer; here they run once per model, on the concatenated
-    positions, and each layer picks up its slice in its next forward (the
-    gradient reaches every layer's positions through the concatenation).
-    Used as a forward pre-hook of the model; does nothing without autograd or
-    in hard mode.
-    """
-    if not torch.is_grad_enabled():
-        return
-    groups = {}
-    for layer in module.modules():
-        if isinstance(layer, RingLayer) and layer.positions.requires_grad:
-            table = layer._ring_table()
-            if table is not None:
-                groups.setdefault(id(table), (table, []))[1].append(layer)
-    for table, layers in groups.values():
-        if len(layers) < 2:
-            continue
-        flat = torch.cat([layer.positions.reshape(-1) for layer in layers])
-        first = layers[0]
-        weights = first.quantizer.weights(flat, first.ring_template, table)
-        for layer, weight in zip(layers, weights.split([l.positions.numel() for l in layers])):
-            layer._step_weight = weight.view_as(layer.positions)
-
-
-def clear_ring_weights(module, inputs=None, output=None):
-    """Forward hook: drop precomputed weights a forward did not use."""
-    for layer in module.modules():
-        if isinstance(layer, RingLayer):
-            layer._step_weight = None

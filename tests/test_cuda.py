@@ -42,7 +42,7 @@ def test_ring_weights_stay_fp32_under_cuda_autocast():
     with autocast(CUDA, "bf16"):
         out = model(torch.randn(4, 3, 32, 32, device=CUDA))
     assert out.dtype == torch.bfloat16
-    assert model.conv1.ring_weight().dtype == torch.float32
+    assert model.conv1.quantized_weight().dtype == torch.float32
 
 
 def test_fast_cuda_run_reports_what_a_cpu_evaluation_measures(idx_data, tmp_path):

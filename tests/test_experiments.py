@@ -73,3 +73,24 @@ def test_runner_sweeps_seeds_and_tabulates(idx_data, tmp_path):
     assert "| mlp_ring4 | 2 |" in (out / "results.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0 and "done:" not in again.stdout  # finished runs are skipped
+
+
+def test_runner_passes_precision_and_layout(tmp_path):
+    path = ROOT / "experiments" / "cifar10_short" / "resnet20_fp32.yaml"
+    args = runner.get_args_parser().parse_args([str(path.parent), "--precision", "bf16",
+                                                "--no-channels-last"])
+    cmd = runner.build_command(path, 1, tmp_path / "run", args)
+    assert cmd[cmd.index("--precision") + 1] == "bf16" and "--no-channels-last" in cmd
+    plain = runner.build_command(path, 1, tmp_path / "run",
+                                 runner.get_args_parser().parse_args([str(path.parent)]))
+    assert "--precision" not in plain and not any("channels-last" in c for c in plain)
+
+
+def test_full_data_cpu_schedule():
+    folder = ROOT / "experiments" / "cifar10_cpu"
+    for path in folder.glob("*.yaml"):
+        cfg = config_lib.load_yaml(path)
+        assert cfg == {**cfg, "subset": cfg.get("subset", 0), "val_split": 5000, "epochs": 30,
+                       "schedule": [15, 22], "lr": 0.1, "batch_size": 128, "precision": "auto",
+                       "channels_last": True}, path.name
+        assert cfg.get("subset", 0) == 0

@@ -4,7 +4,8 @@ import torch.nn as nn
 
 from models import MODELS, build_model
 from models.resnet_ring import DEPTHS
-from models.ring_layers import RingConv2d, RingLinear, RingQuantizer, precompute_ring_weights
+from models.quant_layers import prepare_weights
+from models.ring_layers import RingConv2d, RingLinear, RingQuantizer
 from models.utils import clamp_positions, count_parameters, ring_layers, ring_summary, set_weight_mode
 
 
@@ -168,7 +169,7 @@ def test_batched_ring_weights_equal_per_layer_weights(name):
     for a, b in zip(outputs[0][1], outputs[1][1]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     assert all(layer._step_weight is None for _, layer in ring_layers(batched))
-    precompute_ring_weights(batched)  # what the hook does: one weight tensor for all layers
+    prepare_weights(batched)  # what the hook does: one weight tensor for all layers
     steps = [layer._step_weight for _, layer in ring_layers(batched)]
     assert all(w is not None for w in steps) and len({id(w._base) for w in steps}) == 1
 
