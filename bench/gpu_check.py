@@ -12,8 +12,9 @@ Meant for a machine with one CUDA GPU, in under 8 minutes:
    validation split, in the fast setting (``--precision auto --channels-last``), without
    and with ``--compile``; the second epoch's time (training plus validation pass,
    compilation excluded) gives the projected 200-epoch time;
-3. ``evaluate.py`` on each final checkpoint on the GPU and on the CPU: soft and hard (or
-   fp32) test accuracies must agree within ``--tolerance`` points.
+3. ``evaluate.py`` on each final checkpoint on the GPU (``accuracy.device``) and on the
+   CPU (``accuracy.cpu``): soft and hard (or fp32) test accuracies must agree within
+   ``--tolerance`` points.
 
 The data comes from the CIFAR-10 JPEG archive (extracted into ``--out``) or an existing
 ImageFolder / python-batches directory. Everything lands in ``--out``: run folders, logs
@@ -112,15 +113,15 @@ def check_run(name, compile_, data_dir, device, args, log):
     seconds = epoch_seconds(run_dir)
     entry.update(epoch_s=seconds, projected_200_epoch_min=round(200 * seconds[-1] / 60, 2))
     accuracy = {}
-    for where in (device, "cpu"):
+    for where, target in (("device", device), ("cpu", "cpu")):
         report = args.out / f"{tag}_eval_{where}.json"
-        code, _ = run(evaluate_command(run_dir / "last.pt", data_dir, where, report), log)
+        code, _ = run(evaluate_command(run_dir / "last.pt", data_dir, target, report), log)
         entry[f"eval_status_{where}"] = code
         if code == 0:
             accuracy[where] = json.loads(report.read_text())["accuracy"]
     entry["accuracy"] = accuracy
     if len(accuracy) == 2:
-        gap = max(abs(accuracy[device][m] - accuracy["cpu"][m]) for m in accuracy["cpu"])
+        gap = max(abs(accuracy["device"][m] - accuracy["cpu"][m]) for m in accuracy["cpu"])
         entry["max_gpu_cpu_gap"] = round(gap, 4)
     return entry
 

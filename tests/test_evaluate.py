@@ -19,7 +19,7 @@ def cifar_folder(tmp_path_factory):
 def trained(cifar_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "resnet20"
     result = run_script("train_cifar10.py", "--data-dir", cifar_folder, "--no-download",
-                        "--epochs", 1, "--schedule", "--batch-size", 10, "--ring-size", 4,
+                        "--device", "cpu", "--epochs", 1, "--schedule", "--batch-size", 10, "--ring-size", 4,
                         "--ring-layout", "distinct", "--output-dir", out, "--quiet")
     assert result.returncode == 0, result.stderr
     return out

@@ -2,18 +2,16 @@
 
 The accuracy checks need the CIFAR-10 JPEG copy in ../shared. CI extracts it once
 and passes the folder in RINGQ_CIFAR10_DIR; without it the archive is extracted
-here (test split only). They are skipped, with the reason, when ../shared is absent.
+here. They are skipped, with the reason, when ../shared is absent.
 """
 import json
-import os
 import subprocess
 import sys
-import tarfile
 
 import pytest
 import torch
 
-from conftest import ROOT, SHARED
+from conftest import ROOT
 from models.utils import ring_summary
 from ringq.checkpoint import infer_config, load_model_from_checkpoint, safe_load
 from ringq.packing import export_packed, size_report
@@ -24,7 +22,6 @@ FILES = {"fp32": "best_resnet20_none.pth", "ring4": "best_ResNet20_ring4.pth",
 EXPECTED = {"fp32": {"fp32": 82.22}, "ring4": {"soft": 79.77, "hard": 10.00},
             "ring8": {"soft": 79.71, "hard": 19.65}}
 EXPECTED_RECALIBRATED = {"ring4": 61.67, "ring8": 75.43}
-ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.xz"
 
 
 @pytest.mark.parametrize("key", list(FILES))
@@ -62,21 +59,6 @@ def test_level_entropy_of_packed_originals(upstream_dir, tmp_path):
         weights = report["quantized_weights"]
         assert report["quantized_bits"] == stored * weights
         assert report["quantized_entropy_bits"] / weights == pytest.approx(entropy, abs=0.005)
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    given = os.environ.get("RINGQ_CIFAR10_DIR")
-    if given:
-        return given
-    if not ARCHIVE.exists():
-        pytest.skip(f"CIFAR-10 JPEG archive not found at {ARCHIVE} (../shared is absent)")
-    out = tmp_path_factory.mktemp("cifar10-jpeg")
-    with tarfile.open(ARCHIVE) as tar:
-        tar.extractall(out, members=[m for m in tar.getmembers()
-                                     if m.name.lstrip("./").startswith(("test/", "train/"))],
-                       filter="data")
-    return str(out)
 
 
 def run_evaluate(checkpoint, data_dir, tmp_path, *extra):
