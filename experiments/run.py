@@ -52,6 +52,8 @@ def get_args_parser():
     parser.add_argument("--output-root", default="runs/experiments", help="where runs go")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU threads "
                         "are split between them)")
+    parser.add_argument("--plot", metavar="DIR", help="at the end, draw the sweep's figures "
+                        "into DIR (experiments/plot.py)")
     parser.add_argument("--collect-only", action="store_true",
                         help="only tabulate runs already finished")
     return parser
@@ -185,6 +187,9 @@ def main(argv=None):
         if failed:
             print(f"{failed} run(s) failed; see their log.txt", file=sys.stderr)
     print(write_tables(collect(configs, args.seeds, out_dir), out_dir))
+    if args.plot:
+        import plot
+        return plot.main([str(out_dir), "--out", args.plot])
     return 0
 
 

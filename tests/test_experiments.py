@@ -71,8 +71,11 @@ def test_runner_sweeps_seeds_and_tabulates(idx_data, tmp_path):
     assert float(rows[6]["soft"]) == pytest.approx(sum(seeds_soft) / 2, abs=0.006)
     assert float(rows[7]["soft"]) == pytest.approx(abs(seeds_soft[0] - seeds_soft[1]) / 2, abs=0.006)
     assert "| mlp_ring4 | 2 |" in (out / "results.md").read_text()
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    again = subprocess.run(cmd + ["--plot", str(tmp_path / "figures")], capture_output=True,
+                           text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0 and "done:" not in again.stdout  # finished runs are skipped
+    assert all((tmp_path / "figures" / name).stat().st_size > 10_000
+               for name in ("accuracy_vs_bits.png", "training_curves.png"))
 
 
 def test_runner_passes_precision_and_layout(tmp_path):
