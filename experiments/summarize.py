@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""The comparison table of a sweep: accuracy, bits, levels and packed size per method.
+
+    python experiments/summarize.py RUNS_DIR --data-dir DIR [--ptq-bits 8 4]
+                                    [--bn-recalibrate 10000] [--device cpu]
+
+RUNS_DIR is a folder the runner wrote (``<config>/seed<k>/``). For every finished
+run the evaluations below are written into its folder, each skipped when its JSON
+already exists (so the command resumes):
+
+- ``eval_best.json``: ``evaluate.py`` on ``best.pt`` (the epoch chosen on validation);
+- quantized runs: ``export_best.json``, the size report of ``export.py`` packing
+  ``best.pt`` into ``best.rqp``;
+- FP32 runs, for each K of ``--ptq-bits``: ``eval_ptq{K}.json`` / ``eval_best_ptq{K}.json``
+  (``evaluate.py --ptq-bits K`` of ``last.pt`` / ``best.pt``) and ``export_ptq{K}.json``
+  (the packed size of the post-training quantized final model);
+- published-recipe ring runs: ``eval_bn.json``, hard accuracy after BatchNorm is
+  re-estimated from ``--bn-recalibrate`` training images with hard weights.
+
+It then writes ``summary.md`` and ``summary.csv`` beside the runs: one row per
+config (plus a PTQ row per K and a "BN re-estimated" row where they apply) with
+the seeds, the bits per weight, the distinct levels, the test accuracy of the final
+model (hard, soft beside it for rings; mean ± std over seeds) and of ``best.pt``,
+and the packed file's bytes with its compression ratio, overall and over the
+quantized layers.
+"""
+import argparse
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["row", "seeds", "bits", "levels", "final_hard", "final_soft", "best_hard", "bytes",
+           "ratio", "ratio_quantized"]
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, metavar="RUNS_DIR", help="folder of <config>/seed<k>/")
+    parser.add_argument("--data-dir", required=True, help="the dataset the runs trained on")
+    parser.add_argument("--ptq-bits", type=int, nargs="*", default=[8, 4], metavar="K",
+                        help="post-training quantization widths for FP32 runs (default: 8 4)")
+    parser.add_argument("--bn-recalibrate", type=int, default=10000, metavar="N",
+                        help="training images for the BatchNorm re-estimation of published "
+                             "ring runs (0: none; default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="device of the evaluations")
+    return parser
+
+
+def finished_runs(root):
+    """(config, seed, folder, resolved config, final.json) of every finished run."""
+    for final in sorted(root.glob("*/seed*/final.json")):
+        folder = final.parent
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        yield (folder.parent.name, int(folder.name[len("seed"):]), folder, cfg,
+               json.loads(final.read_text()))
+
+
+def published_ring(cfg):
+    return cfg["quantization"] == "ring" and cfg.get("ring_layout", "published") == "published"
+
+
+def evaluations(folder, cfg, args):
+    """{json file name: command} of the evaluations a run gets (see the module docstring)."""
+    evaluate = [sys.executable, "evaluate.py", "--data-dir", args.data_dir, "--no-download",
+                "--device", args.device, "--quiet"]
+    export = [sys.executable, "export.py", "--quiet"]
+    best, last = folder / "best.pt", folder / "last.pt"
+    steps = {"eval_best.json": evaluate + ["--checkpoint", best]}
+    if cfg["quantization"] == "none":
+        for k in args.ptq_bits:
+            steps[f"eval_ptq{k}.json"] = evaluate + ["--checkpoint", last, "--ptq-bits", k]
+            steps[f"eval_best_ptq{k}.json"] = evaluate + ["--checkpoint", best, "--ptq-bits", k]
+            steps[f"export_ptq{k}.json"] = export + ["--checkpoint", last, "--bits", k,
+                                                     "--output", folder / f"ptq{k}.rqp"]
+    else:
+        steps["export_best.json"] = export + ["--checkpoint", best, "--output",
+                                              folder / "best.rqp"]
+    if published_ring(cfg) and args.bn_recalibrate:
+        steps["eval_bn.json"] = evaluate + ["--checkpoint", last, "--bn-recalibrate",
+                                            args.bn_recalibrate]
+    return steps
+
+
+def run_evaluations(folder, cfg, args):
+    """Run the missing evaluations of one run; the names of those that failed."""
+    failed = []
+    for name, cmd in evaluations(folder, cfg, args).items():
+        if (folder / name).exists():
+            continue
+        cmd = [str(c) for c in cmd] + ["--json", str(folder / name)]
+        with open(folder / "summarize.log", "a") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            if subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT):
+                failed.append(f"{folder}/{name}")
+    return failed
+
+
+def _read(folder, name):
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _bits_and_levels(cfg, final):
+    if cfg["quantization"] == "none":
+        return 32, "-"
+    if cfg["quantization"] == "uniform":
+        return cfg["bits"], f"{2 ** cfg['bits']} per channel"
+    return math.log2(cfg["ring_size"]), final.get("num_distinct_values", "-")
+
+
+def row_samples(config, folder, cfg, final, ptq_bits):
+    """{row name: {column: value}} that one run contributes (one seed's values)."""
+    rows = {}
+    bits, levels = _bits_and_levels(cfg, final)
+    best = _read(folder, "eval_best.json")
+    main = "fp32" if cfg["quantization"] == "none" else "hard"
+    size = _read(folder, "export_best.json") or {}
+    rows[config] = {"bits": bits, "levels": levels, "final_hard": final["accuracy"][main],
+                    "final_soft": final["accuracy"].get("soft"),
+                    "best_hard": best["accuracy"][main] if best else None,
+                    "bytes": size.get("file_bytes"), "ratio": size.get("ratio"),
+                    "ratio_quantized": size.get("quantized_layers_ratio")}
+    for k in ptq_bits if cfg["quantization"] == "none" else ():
+        last, best_k = _read(folder, f"eval_ptq{k}.json"), _read(folder, f"eval_best_ptq{k}.json")
+        size = _read(folder, f"export_ptq{k}.json") or {}
+        if last:
+            rows[f"{config} PTQ INT{k}"] = {
+                "bits": k, "levels": f"{2 ** k} per channel",
+                "final_hard": last["accuracy"]["hard"],
+                "best_hard": best_k["accuracy"]["hard"] if best_k else None,
+                "bytes": size.get("file_bytes"), "ratio": size.get("ratio"),
+                "ratio_quantized": size.get("quantized_layers_ratio")}
+    bn = _read(folder, "eval_bn.json")
+    if bn:
+        rows[f"{config} hard + BN re-estimated"] = {
+            "bits": bits, "levels": levels, "final_hard": bn["bn_recalibration"]["accuracy"]}
+    return rows
+
+
+def summarise(runs, ptq_bits):
+    """Table rows (dicts of COLUMNS, formatted), in config order."""
+    samples = {}
+    for config, _, folder, cfg, final in runs:
+        for row, values in row_samples(config, folder, cfg, final, ptq_bits).items():
+            samples.setdefault(row, []).append(values)
+    table = []
+    for row, seeds in samples.items():
+        out = {"row": row, "seeds": len(seeds), "bits": f"{seeds[0]['bits']:g}",
+               "levels": seeds[0]["levels"]}
+        for key in ("final_hard", "final_soft", "best_hard"):
+            values = [s[key] for s in seeds if s.get(key) is not None]
+            out[key] = (f"{statistics.fmean(values):.2f}" + (
+                f" ± {statistics.pstdev(values):.2f}" if len(values) > 1 else "")) \
+                if values else "-"
+        for key, fmt in (("bytes", "{:,.0f}"), ("ratio", "{:.2f}x"),
+                         ("ratio_quantized", "{:.2f}x")):
+            values = [s[key] for s in seeds if s.get(key) is not None]
+            out[key] = fmt.format(statistics.fmean(values)) if values else "-"
+        table.append(out)
+    return table
+
+
+def write_summary(table, root):
+    with open(root / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    head = ("| row | seeds | bits | levels | final, hard | final, soft | best.pt, hard | "
+            "packed bytes | ratio | ratio, quantized layers |")
+    lines = [head, "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in table]
+    (root / "summary.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if not args.runs.is_dir():
+        print(f"error: no such folder: {args.runs}", file=sys.stderr)
+        return 2
+    runs = list(finished_runs(args.runs))
+    if not runs:
+        print(f"error: no finished runs (final.json) under {args.runs}", file=sys.stderr)
+        return 2
+    failed = [name for _, _, folder, cfg, _ in runs
+              for name in run_evaluations(folder, cfg, args)]
+    print(write_summary(summarise(runs, args.ptq_bits), args.runs))
+    if failed:
+        print(f"{len(failed)} evaluation(s) failed; see summarize.log in: "
+              + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
