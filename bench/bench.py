@@ -53,7 +53,7 @@ from ringq.runtime import resolve_device  # noqa: E402
 TARGETS = {"train_step_ratio": ("<=", 1.10), "fast_step_fraction": ("<=", 0.42),
            "fast_epoch_s": ("<=", 50.0), "interp_memory_ratio": ("<=", 3.0),
            "data_path_speedup": (">=", 10.0)}
-FULL = dict(train_batch=128, warmup_steps=2, steps_per_repeat=2, repeats=7, probe_side=4096,
+FULL = dict(train_batch=128, warmup_steps=3, steps_per_repeat=8, repeats=7, probe_side=4096,
             synthetic_images=50_000, memory_passes=3, torchvision_batches=200,
             eval_batch=500, eval_batches=2, epoch_train=45_000, epoch_val=5_000)
 QUICK = dict(train_batch=32, warmup_steps=1, steps_per_repeat=1, repeats=2, probe_side=1024,

@@ -129,10 +129,10 @@ OPTIONS = [
            "the step", choices=("stop", "skip-step")),
     # system
     Option("device", str, "auto", "auto, cpu or cuda (cuda:N)"),
-    Option("precision", str, "fp32", "training precision: 'bf16' autocast (refused where the "
-           "hardware lacks native bf16), 'fp32', or 'auto' (bf16 where native, else fp32); "
-           "reported accuracies are always computed in FP32", choices=PRECISIONS),
-    Option("channels_last", bool, False, "channels-last memory layout (training and evaluation)"),
+    Option("precision", str, "auto", "training precision: 'auto' (bf16 autocast where the "
+           "hardware runs bf16 natively, else fp32), 'bf16' (refused where it is not native) "
+           "or 'fp32'; reported accuracies are always computed in FP32", choices=PRECISIONS),
+    Option("channels_last", bool, True, "channels-last memory layout (training and evaluation)"),
     Option("deterministic", bool, False, "deterministic algorithms (cuDNN benchmark off, "
            "CUBLAS_WORKSPACE_CONFIG set): bit-identical resumes on CUDA too"),
     Option("compile", bool, False, "torch.compile the model"),

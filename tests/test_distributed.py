@@ -32,7 +32,8 @@ RUN_FILES = {"config.yaml", "last.pt", "best.pt", "metrics.csv", "final.json"}
 # which both runs must train on identically.
 TRAIN_ARGS = ["--dataset", "fashion-mnist", "--model", "lenet", "--ring-size", "4",
               "--epochs", "2", "--schedule", "1", "--batch-size", "96", "--lr", "0.02",
-              "--loader", "memory", "--device", "cpu", "--quiet", "--no-download"]
+              "--loader", "memory", "--device", "cpu", "--precision", "fp32", "--quiet",
+              "--no-download"]
 
 
 # ---- GlobalBatchNorm without processes: exactly BatchNorm ---------------------------------------

@@ -250,7 +250,7 @@ def test_kbit_recipe_anneals_sigma_and_evaluates_at_final_sigma(idx_data, one_th
 
 def test_channels_last_changes_layout_not_results(idx_data, one_thread, tmp_path):
     finals = []
-    for name, extra in (("default", ()), ("channels_last", ("--channels-last",))):
+    for name, extra in (("nchw", ("--no-channels-last",)), ("channels_last", ())):
         out = tmp_path / name
         assert train_main("mnist", tiny_args(idx_data, out, "--ring-size", 4, *extra)) == 0
         finals.append(json.loads((out / "final.json").read_text()))
