@@ -71,8 +71,8 @@ def format_report(report, meta, checkpoint):
              f"model           {report['model']} ({report['quantization']}), "
              f"{report['parameters']:,} parameters"]
     if "bits" in report:
-        lines.append(f"bits            uniform {report['bits']}-bit, {report['num_distinct_values']} "
-                     f"integer levels per output channel"
+        lines.append(f"bits            uniform {report['bits']}-bit, "
+                     f"{report['num_distinct_values']} integer levels per output channel"
                      + (f" (post-training, {report['ptq']['scale']} step)" if "ptq" in report
                         else ""))
     if "ring_size" in report:

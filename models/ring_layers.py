@@ -87,7 +87,9 @@ class RingLayer(QuantizedLayer):
 
     def __init__(self, quantizer):
         super().__init__(quantizer)
-        shape = self.weight_shape if len(self.weight_shape) == 2 else (math.prod(self.weight_shape),)
+        shape = self.weight_shape
+        if len(shape) != 2:
+            shape = (math.prod(shape),)
         self.register_buffer("ring_template", self.quantizer.ring())
         self.positions = nn.Parameter(torch.rand(shape))
         self._table = None

@@ -317,7 +317,8 @@ def resolve(args, task, base=None):
 def model_config(cfg, num_classes=10, in_channels=None, image_size=None):
     """The subset of a run config that :func:`models.build_model` reads."""
     uniform = cfg["quantization"] == "uniform"
-    out = {k: cfg[k] for k in ("model", "quantization") + (("bits",) if uniform else RING_CONFIG_KEYS)}
+    keys = ("model", "quantization") + (("bits",) if uniform else RING_CONFIG_KEYS)
+    out = {k: cfg[k] for k in keys}
     if cfg.get("fp32_first_layer") and cfg["quantization"] != "none":
         out["fp32_first_layer"] = True  # absent otherwise: earlier checkpoints stay comparable
     out["num_classes"] = num_classes
