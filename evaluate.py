@@ -33,7 +33,8 @@ def add_ptq_options(parser, flag):
                              f"times a step ({MIN_BITS}..{MAX_BITS})")
     parser.add_argument("--ptq-scale", choices=PTQ_SCALES, default="mse",
                         help="step of the post-training quantization: max (max|w| / (2**(K-1)-1)) "
-                             "or mse (least squared rounding error, searched per channel)")
+                             "or mse (least squared rounding error, searched per channel) "
+                             "(default: mse)")
 
 
 def quantize_after_training(model, mcfg, bits, scale, checkpoint):

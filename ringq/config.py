@@ -68,8 +68,8 @@ OPTIONS = [
     Option("quantization", str, "ring", "'ring' (ring-quantized), 'uniform' (K-bit integer "
            "levels per output channel, steps learned by LSQ; needs --bits) or 'none' (FP32 "
            "baseline)", choices=QUANTIZATIONS),
-    Option("bits", int, None, "K for --quantization uniform: 2**K integer levels per output "
-           "channel", check=_bits),
+    Option("bits", int, None, f"K ({MIN_BITS}..{MAX_BITS}) for --quantization uniform: 2**K "
+           "integer levels per output channel", check=_bits),
     Option("ring_size", int, 8, "number of values on the ring (4 = '2-bit', 8 = '3-bit')",
            check=_ring_size),
     Option("ring_type", str, "triangle", "shape of the ring", choices=RING_TYPES),
