@@ -33,7 +33,8 @@ def add_ptq_options(parser, flag):
                              f"times a step ({MIN_BITS}..{MAX_BITS})")
     parser.add_argument("--ptq-scale", choices=PTQ_SCALES, default="mse",
                         help="step of the post-training quantization: max (max|w| / (2**(K-1)-1)) "
-                             "or mse (least squared rounding error, searched per channel)")
+                             "or mse (least squared rounding error, searched per channel) "
+                             "(default: mse)")
 
 
 def quantize_after_training(model, mcfg, bits, scale, checkpoint):
@@ -71,8 +72,8 @@ def format_report(report, meta, checkpoint):
              f"model           {report['model']} ({report['quantization']}), "
              f"{report['parameters']:,} parameters"]
     if "bits" in report:
-        lines.append(f"bits            uniform {report['bits']}-bit, {report['num_distinct_values']} "
-                     f"integer levels per output channel"
+        lines.append(f"bits            uniform {report['bits']}-bit, "
+                     f"{report['num_distinct_values']} integer levels per output channel"
                      + (f" (post-training, {report['ptq']['scale']} step)" if "ptq" in report
                         else ""))
     if "ring_size" in report:

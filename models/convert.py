@@ -20,9 +20,10 @@ def following_batchnorms(model):
                 raise ValueError(f"quantized layer {pending[0]} is not followed by BatchNorm")
             pending = (name, module)
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and pending is not None:
-            if module.num_features != pending[1].weight_shape[0]:
-                raise ValueError(f"BatchNorm {name} does not match the {pending[1].weight_shape[0]} "
-                                 f"outputs of {pending[0]}")
+            outputs = pending[1].weight_shape[0]
+            if module.num_features != outputs:
+                raise ValueError(f"BatchNorm {name} does not match the {outputs} outputs of "
+                                 f"{pending[0]}")
             found[pending[0]] = module
             pending = None
     if pending is not None:
@@ -38,7 +39,8 @@ def _check_fits(model, state_dict):
     expected.update({f"{name}.weight": tuple(layer.weight_shape)
                      for name, layer in quantized_layers(model)})
     given = {k: tuple(t.shape) for k, t in state_dict.items()}
-    missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    missing = sorted(expected.keys() - given.keys())
+    unexpected = sorted(given.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"not the FP32 state dict of this network (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")

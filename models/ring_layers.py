@@ -91,7 +91,9 @@ class RingLayer(QuantizedLayer):
 
     def __init__(self, quantizer):
         super().__init__(quantizer)
-        shape = self.weight_shape if len(self.weight_shape) == 2 else (math.prod(self.weight_shape),)
+        shape = self.weight_shape
+        if len(shape) != 2:
+            shape = (math.prod(shape),)
         self.register_buffer("ring_template", self.quantizer.ring())
         self.positions = nn.Parameter(torch.rand(shape))
         self._table = None
@@ -156,27 +158,30 @@ class RingLayer(QuantizedLayer):
     def load_fp32_weight(self, weight):
         """Positions whose values (current mode and sigma) are ``scale * weight``; returns scale.
 
-        The value v(p) is read on a fine grid of positions and inverted on its
-        rising branch (from its minimum to its maximum around the ring);
-        ``scale`` is the largest that keeps every scaled weight inside
-        [min v, max v], so each weight's value is as close to it as the grid
-        allows (linear interpolation between grid points).
+        The value v(p) is read on a fine grid of positions and inverted on both
+        of its branches around the ring (rising from its minimum to its maximum,
+        falling back); ``scale`` is the largest that keeps every scaled weight
+        inside [min v, max v], so each weight's value is as close to it as the
+        grid allows (linear interpolation between grid points). Of the two
+        positions with that value, each weight takes the one whose hard (ring)
+        value is nearer the weight scaled to the ring's largest magnitude.
         """
         grid = torch.arange(_INIT_GRID, dtype=torch.float64) / _INIT_GRID
         values = self.quantizer.weights(grid.float(), self.ring_template,
                                         self._ring_table()).double()
-        low, high = int(values.argmin()), int(values.argmax())
-        branch = torch.arange(low, low + (high - low) % _INIT_GRID + 1) % _INIT_GRID
-        rising = torch.cummax(values[branch], 0).values
         flat = weight.detach().double().cpu().reshape(-1)
         limits = [values.max() / flat.max() if flat.max() > 0 else math.inf,
                   values.min() / flat.min() if flat.min() < 0 else math.inf]
         scale = float(min(limits)) if math.isfinite(min(limits)) else 1.0
-        target = flat * scale
-        k = torch.searchsorted(rising, target).clamp_(1, rising.numel() - 1)
-        lo, hi = rising[k - 1], rising[k]
-        frac = torch.where(hi > lo, (target - lo) / (hi - lo), torch.zeros_like(lo)).clamp_(0, 1)
-        positions = torch.remainder((branch[k - 1].double() + frac) / _INIT_GRID, 1.0)
+        low, high = int(values.argmin()), int(values.argmax())
+        rise = (high - low) % _INIT_GRID  # grid steps from the minimum forward to the maximum
+        candidates = [_invert_branch(values, low, rise, flat * scale),
+                      _invert_branch(values, low, rise - _INIT_GRID, flat * scale)]
+        ring = self.ring_template.detach().double().cpu()
+        hard_target = flat * (ring.abs().max() / flat.abs().max().clamp_min(1e-30))
+        errors = [(ring[ring_math.hard_indices(p, self.ring_size)] - hard_target).abs()
+                  for p in candidates]
+        positions = torch.where(errors[1] < errors[0], candidates[1], candidates[0])
         self.positions.copy_(positions.view_as(self.positions))
         return scale
 
@@ -184,6 +189,23 @@ class RingLayer(QuantizedLayer):
         q = self.quantizer
         return (f"ring_size={q.ring_size}, ring_type={q.ring_type}, layout={q.layout}, "
                 f"interpolation={q.interpolation}, sigma={q.sigma:g}, mode={q.mode}")
+
+
+def _invert_branch(values, start, length, target):
+    """Positions p in [0, 1) with v(p) = ``target`` on one monotone branch of ``values``.
+
+    values: v on the grid p = i / G [G] (float64); the branch runs from grid
+    index ``start`` (v's minimum) over ``length`` steps (> 0 forward, < 0
+    backward, around the ring) to v's maximum. target: [n] within [min v, max v].
+    """
+    grid = values.numel()
+    step = 1 if length > 0 else -1
+    branch = (start + step * torch.arange(abs(length) + 1)) % grid
+    rising = torch.cummax(values[branch], 0).values
+    k = torch.searchsorted(rising, target).clamp_(1, rising.numel() - 1)
+    lo, hi = rising[k - 1], rising[k]
+    frac = torch.where(hi > lo, (target - lo) / (hi - lo), torch.zeros_like(lo)).clamp_(0, 1)
+    return torch.remainder((branch[k - 1].double() + step * frac) / grid, 1.0)
 
 
 class RingConv2d(QuantizedConv2d, RingLayer):

@@ -48,7 +48,8 @@ def set_weight_mode(model, mode):
 
 @contextlib.contextmanager
 def weight_mode(model, mode):
-    """Run a block with every quantized layer in ``mode`` (None: unchanged), then restore each layer's."""
+    """Run a block with every quantized layer in ``mode`` (None: unchanged), then restore
+    each layer's."""
     layers = [layer for _, layer in quantized_layers(model)]
     previous = [layer.quantizer.mode for layer in layers]
     if mode is not None:

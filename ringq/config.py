@@ -69,8 +69,8 @@ OPTIONS = [
     Option("quantization", str, "ring", "'ring' (ring-quantized), 'uniform' (K-bit integer "
            "levels per output channel, steps learned by LSQ; needs --bits) or 'none' (FP32 "
            "baseline)", choices=QUANTIZATIONS),
-    Option("bits", int, None, "K for --quantization uniform: 2**K integer levels per output "
-           "channel", check=_bits),
+    Option("bits", int, None, f"K ({MIN_BITS}..{MAX_BITS}) for --quantization uniform: 2**K "
+           "integer levels per output channel", check=_bits),
     Option("ring_size", int, 8, "number of values on the ring (4 = '2-bit', 8 = '3-bit')",
            check=_ring_size),
     Option("ring_type", str, "triangle", "shape of the ring", choices=RING_TYPES),
@@ -322,7 +322,8 @@ def resolve(args, task, base=None):
 def model_config(cfg, num_classes=10, in_channels=None, image_size=None):
     """The subset of a run config that :func:`models.build_model` reads."""
     uniform = cfg["quantization"] == "uniform"
-    out = {k: cfg[k] for k in ("model", "quantization") + (("bits",) if uniform else RING_CONFIG_KEYS)}
+    keys = ("model", "quantization") + (("bits",) if uniform else RING_CONFIG_KEYS)
+    out = {k: cfg[k] for k in keys}
     if cfg.get("fp32_first_layer") and cfg["quantization"] != "none":
         out["fp32_first_layer"] = True  # absent otherwise: earlier checkpoints stay comparable
     out["num_classes"] = num_classes

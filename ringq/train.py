@@ -242,7 +242,8 @@ def _describe(summary):
     if summary is None:
         return "FP32"
     if "bits" in summary:
-        return f"uniform {summary['bits']}-bit ({summary['num_distinct_values']} levels per channel)"
+        return (f"uniform {summary['bits']}-bit ({summary['num_distinct_values']} levels per "
+                f"channel)")
     return (f"ring-{summary['ring_size']} ({summary['num_distinct_values']} distinct values, "
             f"{summary['effective_bits']:.2f} effective bits)")
 

@@ -200,3 +200,19 @@ def test_post_training_quantization_keeps_the_rest():
         assert torch.allclose(model(x), fp32(x), atol=0.05 * fp32(x).abs().max())
     with pytest.raises(ValueError, match="needs an FP32 model"):
         post_training_quantize(model, qconfig, 4)
+
+
+def test_warm_started_ring_weights_keep_their_sign_when_snapped():
+    """Of the two positions with the right soft value, each weight takes the one whose ring
+    value has its sign, so the hard network starts symmetric (levels ±1/4, ±3/4)."""
+    torch.manual_seed(0)
+    fp32 = build_model(dict(model="lenet", quantization="none"))
+    model = build_model(dict(model="lenet", quantization="ring", ring_size=4,
+                             ring_layout="distinct", sigma=2.0))
+    init_from_fp32(model, fp32.state_dict())
+    set_weight_mode(model, "hard")
+    for name, layer in quantized_layers(model):
+        with torch.no_grad():
+            hard = layer.quantized_weight().view(layer.weight_shape)
+        assert torch.equal(torch.sign(hard), torch.sign(fp32.get_submodule(name).weight))
+        assert len(torch.unique(hard)) == 4
