@@ -24,7 +24,7 @@ import torch
 
 from models import build_model
 from ringq.checkpoint import FORMAT, safe_load
-from ringq.data import IDX_FILES
+from ringq.data import IDX_FILES, ArrayDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -63,6 +63,13 @@ def make_image_folder(folder, classes=("cat", "dog"), per_class=4, seed=0):
                 pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(Path(folder) / split / name / f"{i}.png")
     return Path(folder)
+
+
+def random_images(n, shape=(3, 32, 32), seed=0):
+    """An ArrayDataset of ``n`` random uint8 images of ``shape``, labels 0..9 in turn."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+    return ArrayDataset(images, torch.arange(n) % 10, [str(c) for c in range(10)])
 
 
 def tiny_args(data, out, *extra):

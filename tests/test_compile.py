@@ -7,6 +7,7 @@ import torch._dynamo
 from models import build_model
 from ringq import data as data_lib
 from ringq.engine import apply_epoch_schedule, evaluate_all_modes, train_one_epoch
+from run_helpers import random_images
 
 pytest_plugins = ["run_helpers"]
 CPU = torch.device("cpu")
@@ -15,10 +16,7 @@ SCHEDULE = {"epochs": 3, "sigma_final": 0.05, "ste_epochs": 1, "channels_last": 
 
 
 def _loaders():
-    g = torch.Generator().manual_seed(0)
-    ds = data_lib.ArrayDataset(torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8,
-                                             generator=g), torch.arange(48) % 10,
-                               list("0123456789"))
+    ds = random_images(48)
     mean, std = data_lib.NORMALIZATION["cifar10"]
     common = dict(mean=mean, std=std, device=CPU, seed=0)
     return (data_lib.make_loader("memory", ds, 16, shuffle=True, augment=True, **common),

@@ -7,7 +7,7 @@ import torch
 from models import build_model
 from ringq import data as data_lib
 from ringq.precision import autocast, native_bf16
-from run_helpers import run_differences, run_script, tiny_args, train_main
+from run_helpers import random_images, run_differences, run_script, tiny_args, train_main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest_plugins = ["run_helpers"]
@@ -19,10 +19,7 @@ def _on_cuda(args):
 
 
 def test_memory_loader_on_cuda_draws_the_cpu_batches():
-    g = torch.Generator().manual_seed(0)
-    ds = data_lib.ArrayDataset(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8,
-                                             generator=g), torch.arange(40) % 10,
-                               list("0123456789"))
+    ds = random_images(40)
     mean, std = data_lib.NORMALIZATION["cifar10"]
     batches = {}
     for device in ("cpu", CUDA):

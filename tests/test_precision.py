@@ -13,7 +13,7 @@ from ringq.engine import evaluate, train_one_epoch
 from ringq.errors import RingqError
 from ringq.precision import autocast, resolve_precision
 from ringq.runtime import determinism
-from run_helpers import run_script, tiny_args, train_main
+from run_helpers import random_images, run_script, tiny_args, train_main
 
 pytest_plugins = ["run_helpers"]
 CPU = torch.device("cpu")
@@ -72,11 +72,8 @@ class _Counter:
 
 
 def _loader(n, batch, augment=True):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
-    labels = torch.arange(n) % 10
-    return data_lib.make_loader("memory", data_lib.ArrayDataset(images, labels, list("0123456789")),
-                                batch, (0.5,), (0.25,), CPU, shuffle=True, augment=augment, seed=0)
+    return data_lib.make_loader("memory", random_images(n, (1, 28, 28)), batch, (0.5,), (0.25,),
+                                CPU, shuffle=True, augment=augment, seed=0)
 
 
 @pytest.mark.parametrize("nan_policy", ["stop", "skip-step"])
@@ -118,10 +115,7 @@ def test_epoch_statistics_count_the_loaders_global_batches():
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_global_batch_sizes_match_the_batches(world_size, drop_last):
-    g = torch.Generator().manual_seed(0)
-    ds = data_lib.ArrayDataset(torch.randint(0, 256, (50, 1, 4, 4), dtype=torch.uint8,
-                                             generator=g), torch.arange(50) % 10,
-                               list("0123456789"))
+    ds = random_images(50, (1, 4, 4))
     for kind in data_lib.LOADER_KINDS:
         per_rank = [data_lib.make_loader(kind, ds, 12, (0.5,), (0.25,), CPU, shuffle=True,
                                          augment=False, seed=0, drop_last=drop_last, rank=r,
@@ -136,10 +130,7 @@ def test_evaluation_inputs_follow_channels_last():
     formats = []
     model.conv1.register_forward_pre_hook(
         lambda m, i: formats.append(i[0].is_contiguous(memory_format=torch.channels_last)))
-    g = torch.Generator().manual_seed(0)
-    ds = data_lib.ArrayDataset(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8,
-                                             generator=g), torch.arange(8) % 10,
-                               list("0123456789"))
+    ds = random_images(8)
     mean, std = data_lib.NORMALIZATION["cifar10"]
     loader = data_lib.make_loader("memory", ds, 4, mean, std, CPU, shuffle=False,
                                   augment=False, seed=0)
