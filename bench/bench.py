@@ -4,12 +4,15 @@
     python bench/bench.py [--json OUT] [--data-dir DIR] [--device auto|cpu|cuda]
                           [--quick] [--repeats R] [--threads T]
 
-(a) training step of ring ResNet-20 (ring 8) vs FP32 ResNet-20, interleaved
-    repeats, medians; (b) peak extra memory of one interpolation
-    forward+backward (memory-lean ``soft_values`` and the published formula
-    ``reference_soft_values``) per byte of positions, each in a fresh process;
+(a) training step (the engine's ``train_one_epoch``) of k-bit ring-4 ResNet-20 vs FP32
+    ResNet-20, in FP32 with NCHW and in the fast setting (``--precision auto
+    --channels-last``), interleaved repeats, medians; (b) peak extra memory of one
+    interpolation forward+backward (memory-lean ``soft_values`` and the published
+    formula ``reference_soft_values``) per byte of positions, each in a fresh process;
 (c) training-data throughput of the in-memory loader vs the torchvision
-    DataLoader (2 workers); (d) eval throughput in soft, hard and FP32 modes.
+    DataLoader (2 workers); (d) eval throughput in soft, hard and FP32 modes;
+(e) one full-data training epoch plus the validation pass per model and setting,
+    and the projected 200-epoch time.
 
 Memory (b), for ``soft_values(positions, ring, sigma, table=...)`` then
 ``.backward(grad)`` on a 4096x4096 RingLinear's positions at N=8, with the
@@ -153,8 +156,8 @@ def bench_train_step(device, cfg, repeats):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg["train_batch"], 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (cfg["train_batch"],), generator=g).to(device)
-    tasks = {}
-    for setting, (precision, channels_last) in settings(device).items():
+    tasks, modes = {}, settings(device)
+    for setting, (precision, channels_last) in modes.items():
         for name in MODELS:
             model = resnet20(name, device, channels_last)
             optimizer = optimizer_for(model)
@@ -167,11 +170,11 @@ def bench_train_step(device, cfg, repeats):
             tasks[setting, name] = steps(cfg["steps_per_repeat"])
     ms = {k: 1000 * v / cfg["steps_per_repeat"]
           for k, v in interleaved_medians(tasks, repeats, device).items()}
-    per_step = {setting: {name: ms[setting, name] for name in MODELS} for setting in settings(device)}
+    per_step = {setting: {name: ms[setting, name] for name in MODELS} for setting in modes}
     return {"train_step_ratio": per_step["fast"]["ring"] / per_step["fast"]["fp32"],
             "fast_step_fraction": per_step["fast"]["ring"] / per_step["fp32_nchw"]["ring"],
             "train_step_ms": per_step, "train_batch": cfg["train_batch"],
-            "fast_precision": settings(device)["fast"][0]}
+            "fast_precision": modes["fast"][0]}
 
 
 # ---- (e) training epoch -----------------------------------------------------------------------
