@@ -2,22 +2,26 @@
 
     python export.py --checkpoint best.pt --output resnet20_ring4.rqp [--half] [--json sizes.json]
     python export.py --checkpoint fp32/last.pt --bits 8 --output lenet_int8.rqp
+    python export.py --checkpoint fp32/best.pt --model-only --output resnet20_fp32.pt
 
 Each ring weight is stored as a bit-packed index into its layer's table of
 distinct ring values, each uniform K-bit weight as its K-bit integer level (with
 one step per output channel); other tensors are stored raw (float16 with --half).
 ``--bits K`` first quantizes an FP32 checkpoint after training. Load the result
-with ``ringq.packing.load_packed``.
+with ``ringq.packing.load_packed``. ``--model-only`` instead writes a training
+checkpoint without its optimizer, scheduler, history and RNG state: the file to
+ship an FP32 model (it evaluates and warm-starts like the full one).
 """
 import json
 import sys
+from pathlib import Path
 from collections import Counter
 
 from evaluate import add_ptq_options, quantize_after_training
 from models.utils import is_quantized_model
-from ringq.atomic import write_text_atomic
-from ringq.checkpoint import load_model_from_checkpoint
-from ringq.errors import CheckpointError
+from ringq.atomic import save_atomic, write_text_atomic
+from ringq.checkpoint import load_model_from_checkpoint, model_only
+from ringq.errors import CheckpointError, RingqError
 from ringq.packing import export_packed, size_report
 from ringq.runtime import ArgumentParser, run_cli
 
@@ -30,6 +34,9 @@ def get_args_parser():
     parser.add_argument("--half", action="store_true",
                         help="store non-quantized tensors (BatchNorm, classifier) as float16")
     add_ptq_options(parser, "--bits")
+    parser.add_argument("--model-only", action="store_true",
+                        help="write the checkpoint's model, config and recorded accuracy only "
+                             "(no optimizer, scheduler, history, RNG) instead of packing it")
     parser.add_argument("--json", help="also write the size report to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     return parser
@@ -57,8 +64,23 @@ def pack_checkpoint(args):
             **size_report(model, args.output)}
 
 
+def strip_checkpoint(args):
+    """Write ``args.checkpoint`` without its training state to ``args.output``; the report."""
+    if args.bits or args.half:
+        raise RingqError("--model-only writes the weights as trained; it takes neither "
+                         "--bits nor --half")
+    load_model_from_checkpoint(args.checkpoint)  # the weights must rebuild their model
+    save_atomic(model_only(args.checkpoint), args.output)
+    return {"checkpoint": str(args.checkpoint), "output": str(args.output),
+            "source_bytes": Path(args.checkpoint).stat().st_size,
+            "file_bytes": Path(args.output).stat().st_size}
+
+
 def format_report(report):
     """Short human-readable summary of a size report."""
+    if "source_bytes" in report:
+        return (f"wrote {report['output']}: {report['file_bytes']:,} bytes "
+                f"(model only; {report['checkpoint']} has {report['source_bytes']:,})")
     by_bits = Counter(report["bits_per_layer"].values())
     bits = ", ".join(f"{n} layer{'s' * (n > 1)} at {b} bit{'s' * (b > 1)}"
                      for b, n in sorted(by_bits.items()))
@@ -78,7 +100,7 @@ def format_report(report):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    report = pack_checkpoint(args)
+    report = strip_checkpoint(args) if args.model_only else pack_checkpoint(args)
     if args.json:
         write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
     if not args.quiet:

@@ -22,6 +22,8 @@ from .errors import CheckpointError
 from .packing import is_packed_file, load_packed
 
 FORMAT = "ringq"
+MODEL_ONLY_KEYS = ("format", "version", "config", "model_config", "model", "epoch", "best",
+                   "sigma")  # what evaluating or warm-starting from a training checkpoint reads
 PICKLE_PROTO = 0x80  # first byte of a pickle stream (protocol 2+)
 
 
@@ -162,3 +164,17 @@ def load_model_from_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path}: invalid model config ({e})") from None
     load_state(model, state, path)
     return model.to(map_location), config, meta
+
+
+def model_only(path):
+    """A training checkpoint without its training state (optimizer, scheduler, history, RNG).
+
+    What remains (``MODEL_ONLY_KEYS``) evaluates, warm-starts (``--init-from``) and
+    fine-tunes like the full file, but cannot be resumed. CheckpointError for anything
+    but a checkpoint written by the training scripts.
+    """
+    ckpt = safe_load(path)
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and "model" in ckpt):
+        raise CheckpointError(f"{path}: not a training checkpoint of this project (expected "
+                              f"a last.pt or best.pt written by train_*.py)")
+    return {k: ckpt[k] for k in MODEL_ONLY_KEYS if k in ckpt}

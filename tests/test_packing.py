@@ -17,7 +17,7 @@ from ringq.packing import (entropy_bits, export_packed, is_packed_file, level_in
                            level_table, load_packed, pack_bits, size_report, unpack_bits,
                            value_entropy_bits)
 from ringq.runtime import run_cli
-from run_helpers import exit_code
+from run_helpers import exit_code, save_checkpoint
 
 RESNET_RING4 = dict(model="resnet20", quantization="ring", ring_size=4, ring_layout="distinct")
 
@@ -591,3 +591,42 @@ def test_malformed_uniform_files_are_refused(tmp_path, uniform_file, corruption)
     path.write_bytes(_with_header(uniform_file.read_bytes(), edit))
     with pytest.raises(CheckpointError, match=reason):
         load_packed(path)
+
+
+# --- export.py --model-only --------------------------------------------------------
+
+def test_model_only_keeps_what_evaluates_and_drops_training_state(tmp_path, capsys):
+    """The shipped FP32 file: same weights and record, no optimizer; resuming it is refused."""
+    from ringq.checkpoint import load_model_from_checkpoint, safe_load
+    from ringq.train import _load_resume
+    import export
+    config = dict(model="resnet20", quantization="none")
+    source = save_checkpoint(tmp_path / "best.pt", config, {"dataset": "cifar10"},
+                             best={"epoch": 3, "accuracy": 71.5})
+    out = tmp_path / "resnet20_fp32.pt"
+    assert _export(export, "--checkpoint", str(source), "--output", str(out)[:-3] + ".x",
+                   "--model-only", "--bits", "8") == 2
+    assert "takes neither --bits nor --half" in capsys.readouterr().err
+    assert _export(export, "--checkpoint", str(source), "--output", str(out),
+                   "--model-only") == 0
+    assert f"{out.stat().st_size:,} bytes (model only" in capsys.readouterr().out
+    stripped, full = safe_load(out), safe_load(source)
+    assert set(stripped) == {"format", "version", "config", "model_config", "model", "epoch",
+                             "best"}
+    assert all(torch.equal(stripped["model"][k], v) for k, v in full["model"].items())
+    weight_bytes = sum(v.numel() * v.element_size() for v in full["model"].values())
+    assert weight_bytes < out.stat().st_size < weight_bytes * 1.05  # about 1.1 MB
+    model, loaded_config, meta = load_model_from_checkpoint(out)
+    assert loaded_config == config and meta["best_accuracy"] == 71.5
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        _load_resume(out, "cifar10")
+
+
+def test_model_only_refuses_files_that_are_not_training_checkpoints(tmp_path, capsys):
+    import export
+    bare = tmp_path / "bare.pt"
+    torch.save(build_model(dict(model="resnet20", quantization="none")).state_dict(), bare)
+    assert _export(export, "--checkpoint", str(bare), "--output", str(tmp_path / "o.pt"),
+                   "--model-only") == 2
+    assert "not a training checkpoint of this project" in capsys.readouterr().err
+    assert not (tmp_path / "o.pt").exists()
