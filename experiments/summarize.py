@@ -2,7 +2,7 @@
 """The comparison table of a sweep: accuracy, bits, levels and packed size per method.
 
     python experiments/summarize.py RUNS_DIR --data-dir DIR [--ptq-bits 8 4]
-                                    [--bn-recalibrate 10000] [--device cpu]
+                                    [--bn-recalibrate 10000] [--device cpu] [--archive DEST]
 
 RUNS_DIR is a folder the runner wrote (``<config>/seed<k>/``). For every finished
 run the evaluations below are written into its folder, each skipped when its JSON
@@ -23,11 +23,18 @@ the seeds, the bits per weight, the distinct levels, the test accuracy of the fi
 model (hard, soft beside it for rings; mean ± std over seeds) and of ``best.pt``,
 and the packed file's bytes with its compression ratio, overall and over the
 quantized layers.
+
+``--archive DEST`` then copies every run's records (``RECORDS``: config, final
+accuracy, per-epoch metrics, log and the JSON reports above, no checkpoints) to
+``DEST/<config>/seed<k>/`` with the summary beside them: a tree small enough to
+commit, from which this script (no ``--data-dir`` needed: a run without checkpoints
+gets no evaluations) and ``plot.py`` redraw the table and the figures.
 """
 import argparse
 import csv
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,18 +45,22 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["row", "seeds", "bits", "levels", "final_hard", "final_soft", "best_hard", "bytes",
            "ratio", "ratio_quantized"]
+RECORDS = ("config.yaml", "final.json", "metrics.csv", "log.txt", "eval_*.json", "export_*.json")
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, metavar="RUNS_DIR", help="folder of <config>/seed<k>/")
-    parser.add_argument("--data-dir", required=True, help="the dataset the runs trained on")
+    parser.add_argument("--data-dir", help="the dataset the runs trained on (needed when "
+                        "a run with checkpoints lacks an evaluation)")
     parser.add_argument("--ptq-bits", type=int, nargs="*", default=[8, 4], metavar="K",
                         help="post-training quantization widths for FP32 runs (default: 8 4)")
     parser.add_argument("--bn-recalibrate", type=int, default=10000, metavar="N",
                         help="training images for the BatchNorm re-estimation of published "
                              "ring runs (0: none; default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="device of the evaluations")
+    parser.add_argument("--archive", type=Path, metavar="DEST",
+                        help="copy the runs' records (no checkpoints) and the summary to DEST")
     return parser
 
 
@@ -88,12 +99,19 @@ def evaluations(folder, cfg, args):
     return steps
 
 
-def run_evaluations(folder, cfg, args):
-    """Run the missing evaluations of one run; the names of those that failed."""
+def missing_evaluations(folder, cfg, args):
+    """{name: command} of the evaluations a run with checkpoints still lacks (none for a
+    record without checkpoints, such as an ``--archive`` copy)."""
+    if not any(folder.glob("*.pt")):
+        return {}
+    return {name: cmd for name, cmd in evaluations(folder, cfg, args).items()
+            if not (folder / name).exists()}
+
+
+def run_evaluations(folder, steps):
+    """Run the evaluations ``steps`` ({json name: command}); the names of those that failed."""
     failed = []
-    for name, cmd in evaluations(folder, cfg, args).items():
-        if (folder / name).exists():
-            continue
+    for name, cmd in steps.items():
         cmd = [str(c) for c in cmd] + ["--json", str(folder / name)]
         with open(folder / "summarize.log", "a") as log:
             log.write("$ " + " ".join(cmd) + "\n")
@@ -181,6 +199,16 @@ def write_summary(table, root):
     return "\n".join(lines)
 
 
+def archive(runs, dest):
+    """Copy the ``RECORDS`` of every run to ``dest/<config>/seed<k>/``."""
+    for config, seed, folder, _, _ in runs:
+        target = dest / config / f"seed{seed}"
+        target.mkdir(parents=True, exist_ok=True)
+        for pattern in RECORDS:
+            for path in folder.glob(pattern):
+                shutil.copy2(path, target / path.name)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if not args.runs.is_dir():
@@ -190,9 +218,17 @@ def main(argv=None):
     if not runs:
         print(f"error: no finished runs (final.json) under {args.runs}", file=sys.stderr)
         return 2
-    failed = [name for _, _, folder, cfg, _ in runs
-              for name in run_evaluations(folder, cfg, args)]
-    print(write_summary(summarise(runs, args.ptq_bits), args.runs))
+    steps = {folder: missing_evaluations(folder, cfg, args) for _, _, folder, cfg, _ in runs}
+    if any(steps.values()) and not args.data_dir:
+        print(f"error: {sum(map(len, steps.values()))} evaluation(s) to run (first: "
+              f"{next(f for f, s in steps.items() if s)}); pass --data-dir", file=sys.stderr)
+        return 2
+    failed = [name for folder, todo in steps.items() for name in run_evaluations(folder, todo)]
+    table = summarise(runs, args.ptq_bits)
+    print(write_summary(table, args.runs))
+    if args.archive:
+        archive(runs, args.archive)
+        write_summary(table, args.archive)
     if failed:
         print(f"{len(failed)} evaluation(s) failed; see summarize.log in: "
               + ", ".join(failed), file=sys.stderr)

@@ -52,3 +52,33 @@ def test_evaluations_and_table(sweep):
 def test_no_runs_is_one_line(tmp_path, capsys):
     assert summarize.main([str(tmp_path), "--data-dir", str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_archive_holds_records_and_redraws_the_table(sweep, tmp_path, capsys):
+    root, data = sweep
+    dest = tmp_path / "records"
+    assert summarize.main([str(root), "--data-dir", str(data), "--ptq-bits", "8",
+                           "--bn-recalibrate", "60", "--archive", str(dest)]) == 0
+    copied = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    assert {"mlp_fp32/seed1/final.json", "mlp_fp32/seed1/metrics.csv",
+            "mlp_fp32/seed1/eval_ptq8.json", "mlp_ring4/seed1/eval_bn.json",
+            "mlp_uniform2/seed1/export_best.json", "summary.md"} <= copied
+    assert not any(name.endswith((".pt", ".rqp")) for name in copied)
+    table = (dest / "summary.md").read_text()
+    assert table == (root / "summary.md").read_text()
+    (dest / "summary.md").unlink()
+    assert summarize.main([str(dest), "--ptq-bits", "8"]) == 0  # records only: no data needed
+    assert (dest / "summary.md").read_text() == table
+    import plot
+    assert plot.main([str(dest), "--out", str(tmp_path / "figures")]) == 0
+    assert all((tmp_path / "figures" / name).stat().st_size > 10_000 for name in plot.FIGURES)
+
+
+def test_missing_evaluation_without_data_dir_is_one_line(sweep, tmp_path, capsys):
+    root, _ = sweep
+    (root / "mlp_fp32" / "seed1" / "eval_best.json").rename(tmp_path / "kept.json")
+    try:
+        assert summarize.main([str(root), "--ptq-bits", "8"]) == 2
+        assert "evaluation(s) to run (first:" in capsys.readouterr().err
+    finally:
+        (tmp_path / "kept.json").rename(root / "mlp_fp32" / "seed1" / "eval_best.json")
