@@ -1,40 +1,70 @@
-"""The packed k-bit models in pretrained/ reproduce the accuracy README and docs/RESULTS.md give."""
+"""Every file in pretrained/ reproduces the figures of README's pretrained table.
+
+The table (``| `FILE` | data | weights | bytes | test accuracy | command |``) is the
+record: each file must be listed, be as large as listed, load as what its weights
+column says, and evaluate to the listed accuracy on the shared dataset copy.
+"""
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, SHARED
-from ringq.packing import load_packed
+from ringq.checkpoint import load_model_from_checkpoint
 
 FASHION = SHARED / "data" / "fashion-mnist"
-# file: (hard test accuracy on Fashion-MNIST, bits per quantized weight, distinct levels)
-EXPECTED = {"lenet_ring4_kbit_fashion_mnist.rqp": (92.00, 2, 4),
-            "lenet_ring8_kbit_fashion_mnist.rqp": (91.66, 3, 8)}
+ROW = re.compile(r"^\| `(?P<file>[^`]+)` \| (?P<data>[^|]+?) \| (?P<weights>[^|]+?) \| "
+                 r"(?P<bytes>[\d,]+) \| (?P<accuracy>[\d.]+) \|", re.M)
+FILES = sorted(p.name for p in (ROOT / "pretrained").iterdir() if p.suffix in (".rqp", ".pt"))
 
 
-def test_every_pretrained_file_is_listed():
-    assert {p.name for p in (ROOT / "pretrained").glob("*.rqp")} >= set(EXPECTED)
+def readme_rows():
+    return {m["file"]: m.groupdict() for m in ROW.finditer((ROOT / "README.md").read_text())}
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_pretrained_file_loads_as_k_bit(name):
-    model, config, extra = load_packed(ROOT / "pretrained" / name)
-    assert config["ring_layout"] == "distinct" and extra.get("dataset") == "fashion-mnist"
+def test_readme_lists_exactly_the_pretrained_files():
+    assert FILES and set(readme_rows()) == set(FILES)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_pretrained_accuracy(name, tmp_path):
+@pytest.mark.parametrize("name", FILES)
+def test_pretrained_file_size_and_kind(name):
+    row = readme_rows()[name]
+    path = ROOT / "pretrained" / name
+    assert path.stat().st_size == int(row["bytes"].replace(",", ""))
+    _, config, meta = load_model_from_checkpoint(path)
+    if row["weights"] == "FP32":
+        assert config["quantization"] == "none" and meta["source"] == "ringq"
+    else:
+        assert meta["source"] == "packed"
+        assert (config["quantization"], config.get("ring_layout")) in (("ring", "distinct"),
+                                                                       ("uniform", None))
+
+
+def _data_dir(row, request):
+    if row["data"].startswith("CIFAR-10"):
+        return request.getfixturevalue("cifar_dir")
     if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST not found in {FASHION} (../shared is absent)")
-    accuracy, bits, levels = EXPECTED[name]
+    return FASHION
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_pretrained_accuracy(name, tmp_path, request):
+    row = readme_rows()[name]
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", f"pretrained/{name}",
-                             "--data-dir", str(FASHION), "--json", str(out), "--quiet",
-                             "--no-download"], cwd=ROOT, capture_output=True, text=True)
+                             "--data-dir", str(_data_dir(row, request)), "--json", str(out),
+                             "--quiet", "--no-download", "--device", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert list(report["accuracy"]) == ["hard"]
-    assert report["accuracy"]["hard"] == pytest.approx(accuracy, abs=0.02)
-    assert report["num_distinct_values"] == levels and report["effective_bits"] == bits
+    (mode, accuracy), = report["accuracy"].items()
+    assert mode == ("fp32" if row["weights"] == "FP32" else "hard")
+    assert accuracy == pytest.approx(float(row["accuracy"]), abs=0.02)
+    if row["weights"] != "FP32":
+        levels, bits = re.fullmatch(r"(\d+) levels(?: per channel)?, (\d+) bits",
+                                    row["weights"]).groups()
+        assert report["num_distinct_values"] == int(levels)
+        assert report.get("effective_bits", report.get("bits")) == int(bits)
