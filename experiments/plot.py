@@ -5,8 +5,9 @@
 
 RUNS_DIR is a folder the runner wrote (``<output-root>/<folder>``, holding
 ``<config>/seed<k>/``). Every finished run (``final.json``, ``config.yaml``) is a
-point; so is every ``eval_*.json`` report of ``evaluate.py --json`` saved in a
-run folder (post-training quantization of an FP32 run, for example). Methods:
+point; so is every ``eval_*.json`` report of ``evaluate.py --json`` of the final model
+saved in a run folder (post-training quantization of an FP32 run, for example; the
+``eval_best*.json`` reports of ``best.pt`` that ``summarize.py`` writes are left out). Methods:
 
 - FP32 (a horizontal line with its seed band);
 - PTQ: ``evaluate.py --ptq-bits K`` of an FP32 run;
@@ -98,7 +99,8 @@ def collect(roots):
         subjects.add(f"{cfg['model']} on {cfg.get('dataset', 'cifar10')}")
         found = run_points(cfg, json.loads((folder / "final.json").read_text()))
         for report in sorted(folder.glob("eval_*.json")):
-            found += report_points(json.loads(report.read_text()))
+            if not report.name.startswith("eval_best"):
+                found += report_points(json.loads(report.read_text()))
         for method, bits, accuracy in found:
             points[method][bits].append(accuracy)
         if (folder / "metrics.csv").exists():
