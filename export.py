@@ -14,8 +14,8 @@ ship an FP32 model (it evaluates and warm-starts like the full one).
 """
 import json
 import sys
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 from evaluate import add_ptq_options, quantize_after_training
 from models.utils import is_quantized_model

@@ -15,6 +15,7 @@ from conftest import ROOT, SHARED
 from ringq.checkpoint import load_model_from_checkpoint
 
 FASHION = SHARED / "data" / "fashion-mnist"
+DATASETS = {"Fashion-MNIST": "fashion-mnist", "CIFAR-10 (JPEG copy)": "cifar10"}
 ROW = re.compile(r"^\| `(?P<file>[^`]+)` \| (?P<data>[^|]+?) \| (?P<weights>[^|]+?) \| "
                  r"(?P<bytes>[\d,]+) \| (?P<accuracy>[\d.]+) \|", re.M)
 FILES = sorted(p.name for p in (ROOT / "pretrained").iterdir() if p.suffix in (".rqp", ".pt"))
@@ -34,6 +35,7 @@ def test_pretrained_file_size_and_kind(name):
     path = ROOT / "pretrained" / name
     assert path.stat().st_size == int(row["bytes"].replace(",", ""))
     _, config, meta = load_model_from_checkpoint(path)
+    assert meta["dataset"] == DATASETS[row["data"]]
     if row["weights"] == "FP32":
         assert config["quantization"] == "none" and meta["source"] == "ringq"
     else:
