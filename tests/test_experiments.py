@@ -101,10 +101,23 @@ def test_runner_passes_precision_and_layout(tmp_path):
     assert "--precision" not in plain and not any("channels-last" in c for c in plain)
 
 
-def test_full_data_cpu_schedule():
-    folder = ROOT / "experiments" / "cifar10_cpu"
-    for path in folder.glob("*.yaml"):
+@pytest.mark.parametrize("folder", ["cifar10_cpu", "cifar10_cpu_levers"])
+def test_full_data_cpu_schedule(folder):
+    paths = sorted((ROOT / "experiments" / folder).glob("*.yaml"))
+    assert paths
+    for path in paths:
         cfg = config_lib.load_yaml(path)
         assert cfg == {**cfg, "val_split": 5000, "epochs": 30, "schedule": [15, 22], "lr": 0.1,
                        "batch_size": 128, "precision": "auto", "channels_last": True}, path.name
         assert "subset" not in cfg  # all 50,000 training images
+
+
+def test_levers_change_one_setting_of_their_row():
+    """Each lever config is its k-bit row with exactly the setting it names changed."""
+    changed = {"resnet20_ring8_kbit_sigma2": {"sigma": 2},
+               "resnet20_ring8_kbit_ste12": {"ste_epochs": 12}}
+    paths = sorted((ROOT / "experiments" / "cifar10_cpu_levers").glob("*.yaml"))
+    assert sorted(p.stem for p in paths) == sorted(changed)
+    for path in paths:
+        base = config_lib.load_yaml(ROOT / "experiments" / "cifar10_cpu" / "resnet20_ring8_kbit.yaml")
+        assert config_lib.load_yaml(path) == {**base, **changed[path.stem]}
