@@ -16,7 +16,8 @@ saved in a run folder (post-training quantization of an FP32 run, for example; t
 - ring, k-bit recipe (``ring_layout: distinct``; and with ``--init-from``).
 
 x is the bits per weight (log2 of the ring size for rings), y the test accuracy of
-the final model, the mean over seeds with the population std as error bar.
+the final model, the mean over seeds with the population std as error bar; a
+second panel shows the same points close up, the top ``ZOOM_SPAN`` points of accuracy.
 ``training_curves.png`` shows train loss and validation accuracy (soft / FP32 solid,
 hard dashed) per epoch, the mean over seeds, of the configs named by ``--curves``
 (default: the configs with the most seeds).
@@ -113,8 +114,27 @@ def mean_std(values):
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def plot_accuracy_vs_bits(points, subject, path):
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+ZOOM_SPAN = 5.0  # points of accuracy shown by the right-hand panel, below the best
+
+
+def method_means(points):
+    """{method: {bits: mean over seeds}} of every method but the FP32 line."""
+    return {m: {b: mean_std(v)[0] for b, v in by_bits.items()}
+            for m, by_bits in points.items() if m != "FP32"}
+
+
+def zoom_limits(points):
+    """y range (lo, hi) of the close-up: from the best mean (or the top of the FP32
+    band) down ``ZOOM_SPAN`` points, with half a point of margin above."""
+    tops = [m for by_bits in method_means(points).values() for m in by_bits.values()]
+    if "FP32" in points:
+        mean, std = mean_std(points["FP32"][32])
+        tops.append(mean + std)
+    top = max(tops)
+    return top - ZOOM_SPAN, top + 0.5
+
+
+def _draw_accuracy(ax, points):
     if "FP32" in points:
         mean, std = mean_std(points["FP32"][32])
         ax.axhline(mean, color="black", lw=1.2, label=f"FP32 ({mean:.2f})")
@@ -131,10 +151,21 @@ def plot_accuracy_vs_bits(points, subject, path):
     ax.set_xticks([1, 2, 3, 4, 8])
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("bits per weight")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{subject}: accuracy against bits (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+
+
+def plot_accuracy_vs_bits(points, subject, path):
+    """Left: every point; right: the top ``ZOOM_SPAN`` points, where the methods
+    that keep close to FP32 can be told apart."""
+    fig, (full_ax, zoom_ax) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    for ax in (full_ax, zoom_ax):
+        _draw_accuracy(ax, points)
+    full_ax.set_ylabel("test accuracy (%)")
+    full_ax.set_title("all points")
+    full_ax.legend(fontsize=8, loc="lower right")
+    zoom_ax.set_ylim(*zoom_limits(points))
+    zoom_ax.set_title(f"close-up: the top {ZOOM_SPAN:g} points")
+    fig.suptitle(f"{subject}: accuracy against bits (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

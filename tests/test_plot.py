@@ -62,6 +62,16 @@ def test_points_of_each_method(tmp_path):
     assert len(curves["resnet20_fp32"]) == 2
 
 
+def test_close_up_holds_the_top_points(tmp_path):
+    points, _, _ = plot.collect([make_runs(tmp_path / "runs")])
+    lo, hi = plot.zoom_limits(points)
+    assert hi == pytest.approx(80.15 + 0.05 + 0.5)  # the top of the FP32 band, plus margin
+    assert hi - lo == pytest.approx(0.5 + plot.ZOOM_SPAN)
+    assert lo < 79.15 < hi and not lo < 10.1 < hi  # k-bit shown, published hard left out
+    points["LSQ QAT"][4] = [81.0]  # a point above the FP32 band sets the top
+    assert plot.zoom_limits(points)[1] == pytest.approx(81.5)
+
+
 def test_figures_are_pngs_of_sensible_size(tmp_path):
     out = tmp_path / "figures"
     assert plot.main([str(make_runs(tmp_path / "runs")), "--out", str(out)]) == 0
