@@ -117,16 +117,11 @@ def mean_std(values):
 ZOOM_SPAN = 5.0  # points of accuracy shown by the right-hand panel, below the best
 
 
-def method_means(points):
-    """{method: {bits: mean over seeds}} of every method but the FP32 line."""
-    return {m: {b: mean_std(v)[0] for b, v in by_bits.items()}
-            for m, by_bits in points.items() if m != "FP32"}
-
-
 def zoom_limits(points):
     """y range (lo, hi) of the close-up: from the best mean (or the top of the FP32
     band) down ``ZOOM_SPAN`` points, with half a point of margin above."""
-    tops = [m for by_bits in method_means(points).values() for m in by_bits.values()]
+    tops = [mean_std(seeds)[0] for method, by_bits in points.items() if method != "FP32"
+            for seeds in by_bits.values()]
     if "FP32" in points:
         mean, std = mean_std(points["FP32"][32])
         tops.append(mean + std)

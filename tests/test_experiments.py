@@ -118,6 +118,6 @@ def test_levers_change_one_setting_of_their_row():
                "resnet20_ring8_kbit_ste12": {"ste_epochs": 12}}
     paths = sorted((ROOT / "experiments" / "cifar10_cpu_levers").glob("*.yaml"))
     assert sorted(p.stem for p in paths) == sorted(changed)
+    base = config_lib.load_yaml(ROOT / "experiments" / "cifar10_cpu" / "resnet20_ring8_kbit.yaml")
     for path in paths:
-        base = config_lib.load_yaml(ROOT / "experiments" / "cifar10_cpu" / "resnet20_ring8_kbit.yaml")
         assert config_lib.load_yaml(path) == {**base, **changed[path.stem]}
