@@ -114,10 +114,12 @@ def test_full_data_cpu_schedule(folder):
 
 def test_levers_change_one_setting_of_their_row():
     """Each lever config is its k-bit row with exactly the setting it names changed."""
-    changed = {"resnet20_ring8_kbit_sigma2": {"sigma": 2},
+    changed = {"resnet20_ring4_kbit_sigma1": {"sigma": 1},
+               "resnet20_ring8_kbit_sigma2": {"sigma": 2},
                "resnet20_ring8_kbit_ste12": {"ste_epochs": 12}}
     paths = sorted((ROOT / "experiments" / "cifar10_cpu_levers").glob("*.yaml"))
     assert sorted(p.stem for p in paths) == sorted(changed)
-    base = config_lib.load_yaml(ROOT / "experiments" / "cifar10_cpu" / "resnet20_ring8_kbit.yaml")
     for path in paths:
+        row = path.stem.rsplit("_", 1)[0]
+        base = config_lib.load_yaml(ROOT / "experiments" / "cifar10_cpu" / f"{row}.yaml")
         assert config_lib.load_yaml(path) == {**base, **changed[path.stem]}
