@@ -7,7 +7,8 @@ RUNS_DIR is a folder the runner wrote (``<output-root>/<folder>``, holding
 ``<config>/seed<k>/``). Every finished run (``final.json``, ``config.yaml``) is a
 point; so is every ``eval_*.json`` report of ``evaluate.py --json`` of the final model
 saved in a run folder (post-training quantization of an FP32 run, for example; the
-``eval_best*.json`` reports of ``best.pt`` that ``summarize.py`` writes are left out). Methods:
+``eval_best*.json`` reports of ``best.pt`` that ``summarize.py`` writes are left out). Two
+configs that give the same point (a lever beside its row) are refused. Methods:
 
 - FP32 (a horizontal line with its seed band);
 - PTQ: ``evaluate.py --ptq-bits K`` of an FP32 run;
@@ -91,8 +92,13 @@ def report_points(report):
 
 def collect(roots):
     """{method: {bits: [accuracy per seed]}}, {config: [metrics rows per seed]} and the
-    set of "model on dataset" names the runs cover."""
+    set of "model on dataset" names the runs cover.
+
+    ValueError when runs of two configs would give the same point (a lever config
+    beside its row, say): their accuracies are not seeds of one mean.
+    """
     points = defaultdict(lambda: defaultdict(list))
+    sources = defaultdict(set)
     curves = defaultdict(list)
     subjects = set()
     for config, _, folder in run_dirs(roots):
@@ -104,9 +110,14 @@ def collect(roots):
                 found += report_points(json.loads(report.read_text()))
         for method, bits, accuracy in found:
             points[method][bits].append(accuracy)
+            sources[method, bits].add(config)
         if (folder / "metrics.csv").exists():
             with open(folder / "metrics.csv") as f:
                 curves[config].append(list(csv.DictReader(f)))
+    for (method, bits), configs in sources.items():
+        if len(configs) > 1:
+            raise ValueError(f"configs {', '.join(sorted(configs))} all give the point "
+                             f"{method!r} at {bits:g} bits; plot their folders separately")
     return points, curves, subjects
 
 
@@ -205,7 +216,11 @@ def main(argv=None):
     if missing:
         print(f"error: no such folder: {', '.join(missing)}", file=sys.stderr)
         return 2
-    points, curves, subjects = collect(args.runs)
+    try:
+        points, curves, subjects = collect(args.runs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not points:
         print(f"error: no finished runs (final.json) under {', '.join(map(str, args.runs))}",
               file=sys.stderr)

@@ -91,3 +91,19 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert plot.main([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_two_configs_of_one_point_are_refused(tmp_path, capsys):
+    """A lever config beside its row would be averaged into the row's point as a seed."""
+    runs = make_runs(tmp_path / "runs")
+    lever = runs / "resnet20_ring4_kbit_sigma1" / "seed1"
+    lever.mkdir(parents=True)
+    (lever / "config.yaml").write_text(yaml.safe_dump(
+        {"model": "resnet20", "quantization": "ring", "ring_size": 4, "ring_layout": "distinct",
+         "sigma": 1.0}))
+    (lever / "final.json").write_text(json.dumps({"accuracy": {"soft": 70.0, "hard": 70.0}}))
+    assert plot.main([str(runs), "--out", str(tmp_path / "fig")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "resnet20_ring4_kbit, resnet20_ring4_kbit_sigma1" in err and "'ring k-bit' at 2" in err
+    assert not (tmp_path / "fig").exists()
