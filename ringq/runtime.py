@@ -1,10 +1,12 @@
-"""Process-level helpers shared by the CLI scripts: devices, seeds, error exits."""
+"""Process-level helpers shared by the CLI scripts: devices, seeds, error exits, logged subprocesses."""
 import argparse
 import contextlib
 import os
 import platform
 import random
+import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -90,6 +92,19 @@ def library_versions():
     import torchvision
     return {"python": platform.python_version(), "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "numpy": str(np.__version__)}
+
+
+def run_logged(cmd, log_path, cwd, env=None):
+    """Run ``cmd`` (a list; items made str) in ``cwd``, its output appended to ``log_path``
+    after a ``$ command`` line: (exit status, wall-clock seconds)."""
+    cmd = [str(c) for c in cmd]
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        code = subprocess.call(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                               env=None if env is None else {**os.environ, **env})
+    return code, time.perf_counter() - start
 
 
 def run_cli(main, argv=None):
