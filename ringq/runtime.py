@@ -1,4 +1,4 @@
-"""Process-level helpers shared by the CLI scripts: devices, seeds, error exits, logged subprocesses."""
+"""Process helpers shared by the CLI scripts: devices, seeds, error exits, logged runs."""
 import argparse
 import contextlib
 import os
