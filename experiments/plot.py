@@ -7,8 +7,11 @@ RUNS_DIR is a folder the runner wrote (``<output-root>/<folder>``, holding
 ``<config>/seed<k>/``). Every finished run (``final.json``, ``config.yaml``) is a
 point; so is every ``eval_*.json`` report of ``evaluate.py --json`` of the final model
 saved in a run folder (post-training quantization of an FP32 run, for example; the
-``eval_best*.json`` reports of ``best.pt`` that ``summarize.py`` writes are left out). Two
-configs that give the same point (a lever beside its row) are refused. Methods:
+``eval_best*.json`` reports of ``best.pt`` that ``summarize.py`` writes are left out).
+Runs are seeds of a point only when their recipe fingerprints agree (``records``): two
+configs that give the same point (a lever beside its row), or a seed twice, are refused;
+a method whose points mix recipes of several RUNS_DIRs (the 30- and the 60-epoch sweep)
+is drawn as one series per RUNS_DIR, labelled with the folder's name. Methods:
 
 - FP32 (a horizontal line with its seed band);
 - PTQ: ``evaluate.py --ptq-bits K`` of an FP32 run;
@@ -33,10 +36,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
-import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+import records  # noqa: E402
 
 FIGURES = ("accuracy_vs_bits.png", "training_curves.png")
 STYLE = {"PTQ": ("tab:gray", "s"), "LSQ QAT": ("tab:blue", "o"),
@@ -54,14 +58,6 @@ def get_args_parser():
     parser.add_argument("--curves", nargs="+", metavar="NAME",
                         help="configs whose training curves are drawn")
     return parser
-
-
-def run_dirs(roots):
-    """(config name, seed, folder) of every finished run under ``roots``."""
-    for root in roots:
-        for final in sorted(root.glob("*/seed*/final.json")):
-            folder = final.parent
-            yield folder.parent.name, int(folder.name[len("seed"):]), folder
 
 
 def run_points(cfg, final):
@@ -90,39 +86,67 @@ def report_points(report):
     return []
 
 
+def _run_points(run):
+    """[(method, bits, accuracy)] of one Run: its final model and its eval_*.json reports."""
+    found = run_points(run.cfg, run.final)
+    for report in sorted(run.folder.glob("eval_*.json")):
+        if not report.name.startswith("eval_best"):
+            found += report_points(json.loads(report.read_text()))
+    return found
+
+
+def _split_by_root(groups):
+    """The keys of ``groups`` ({key: [Run]}) whose runs mix recipes of several roots."""
+    return {key for key, runs in groups.items()
+            if len({r.recipe for r in runs}) > 1 and len({r.root for r in runs}) > 1}
+
+
 def collect(roots):
-    """{method: {bits: [accuracy per seed]}}, {config: [metrics rows per seed]} and the
+    """{series: {bits: [accuracy per seed]}}, {curve name: [metrics rows per seed]} and the
     set of "model on dataset" names the runs cover.
 
-    ValueError when runs of two configs would give the same point (a lever config
-    beside its row, say): their accuracies are not seeds of one mean.
+    A series is a method, or ``method [folder]`` when the method's points mix recipes of
+    several roots; curves likewise. RecordError when runs of two configs would give the
+    same point (a lever config beside its row, say), or one seed would count twice:
+    their accuracies are not seeds of one mean.
     """
-    points = defaultdict(lambda: defaultdict(list))
-    sources = defaultdict(set)
-    curves = defaultdict(list)
-    subjects = set()
-    for config, _, folder in run_dirs(roots):
-        cfg = yaml.safe_load((folder / "config.yaml").read_text())
-        subjects.add(f"{cfg['model']} on {cfg.get('dataset', 'cifar10')}")
-        found = run_points(cfg, json.loads((folder / "final.json").read_text()))
-        for report in sorted(folder.glob("eval_*.json")):
-            if not report.name.startswith("eval_best"):
-                found += report_points(json.loads(report.read_text()))
-        for method, bits, accuracy in found:
-            points[method][bits].append(accuracy)
-            sources[method, bits].add(config)
-        if (folder / "metrics.csv").exists():
-            with open(folder / "metrics.csv") as f:
-                curves[config].append(list(csv.DictReader(f)))
-    for (method, bits), configs in sources.items():
+    runs = records.load_runs(roots)
+    found = [(method, bits, run, accuracy) for run in runs
+             for method, bits, accuracy in _run_points(run)]
+    by_method = defaultdict(list)
+    for method, bits, run, _ in found:
+        by_method[method, bits].append(run)
+    split = {method for method, _ in _split_by_root(by_method)}
+    points, members = defaultdict(lambda: defaultdict(list)), defaultdict(list)
+    for method, bits, run, accuracy in found:
+        series = f"{method} [{run.root.name}]" if method in split else method
+        points[series][bits].append(accuracy)
+        members[series, bits].append(run)
+    for (series, bits), group in members.items():
+        configs = sorted({r.config for r in group})
         if len(configs) > 1:
-            raise ValueError(f"configs {', '.join(sorted(configs))} all give the point "
-                             f"{method!r} at {bits:g} bits; plot their folders separately")
+            raise records.RecordError(
+                f"configs {', '.join(configs)} all give the point {series!r} at {bits:g} "
+                f"bits; plot their folders separately")
+        records.check_seeds_of_one_row(f"{series!r} at {bits:g} bits", group)
+    by_config = defaultdict(list)
+    for run in runs:
+        by_config[run.config].append(run)
+    split_configs = _split_by_root(by_config)
+    curves, subjects = defaultdict(list), set()
+    for run in runs:
+        subjects.add(f"{run.cfg['model']} on {run.cfg.get('dataset', 'cifar10')}")
+        if (run.folder / "metrics.csv").exists():
+            name = f"{run.config} [{run.root.name}]" if run.config in split_configs \
+                else run.config
+            with open(run.folder / "metrics.csv") as f:
+                curves[name].append(list(csv.DictReader(f)))
     return points, curves, subjects
 
 
-def mean_std(values):
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+def method_of(series):
+    """The method of a series name (``"FP32 [cifar10_cpu]"`` -> ``"FP32"``)."""
+    return series.split(" [")[0]
 
 
 ZOOM_SPAN = 5.0  # points of accuracy shown by the right-hand panel, below the best
@@ -131,28 +155,41 @@ ZOOM_SPAN = 5.0  # points of accuracy shown by the right-hand panel, below the b
 def zoom_limits(points):
     """y range (lo, hi) of the close-up: from the best mean (or the top of the FP32
     band) down ``ZOOM_SPAN`` points, with half a point of margin above."""
-    tops = [mean_std(seeds)[0] for method, by_bits in points.items() if method != "FP32"
-            for seeds in by_bits.values()]
-    if "FP32" in points:
-        mean, std = mean_std(points["FP32"][32])
-        tops.append(mean + std)
+    tops = []
+    for series, by_bits in points.items():
+        if method_of(series) == "FP32":
+            mean, std = records.mean_std(by_bits[32])
+            tops.append(mean + std)
+        else:
+            tops += [records.mean_std(seeds)[0] for seeds in by_bits.values()]
     top = max(tops)
     return top - ZOOM_SPAN, top + 0.5
 
 
+LINESTYLES = ("-", ":", "-.", (0, (5, 1)))  # one per RUNS_DIR of a series split by folder
+
+
 def _draw_accuracy(ax, points):
-    if "FP32" in points:
-        mean, std = mean_std(points["FP32"][32])
-        ax.axhline(mean, color="black", lw=1.2, label=f"FP32 ({mean:.2f})")
-        ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
-    for method, (color, marker) in STYLE.items():
-        if method not in points:
+    order = {method: i for i, method in enumerate(("FP32", *STYLE))}
+    roots = sorted({s.split(" [")[1] for s in points if " [" in s})
+    for series in sorted(points, key=lambda s: (order.get(method_of(s), 99), s)):
+        method = method_of(series)
+        root = series.split(" [")[1] if " [" in series else None
+        ls = LINESTYLES[roots.index(root) % len(LINESTYLES)] if root else "-"
+        if method == "FP32":
+            mean, std = records.mean_std(points[series][32])
+            ax.axhline(mean, color="black", lw=1.2, ls=ls, label=f"{series} ({mean:.2f})")
+            ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
             continue
-        bits = sorted(points[method])
-        stats = [mean_std(points[method][b]) for b in bits]
+        if method not in STYLE:
+            continue
+        color, marker = STYLE[method]
+        bits = sorted(points[series])
+        stats = [records.mean_std(points[series][b]) for b in bits]
         ax.errorbar(bits, [m for m, _ in stats], yerr=[s for _, s in stats], color=color,
-                    marker=marker, capsize=3, lw=1.2, label=method,
-                    ls="--" if "soft" in method else "-")
+                    marker=marker, capsize=3, lw=1.2, label=series,
+                    ls="--" if "soft" in method and not root else ls,
+                    mfc="white" if root and roots.index(root) else color)
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 2, 3, 4, 8])
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -171,7 +208,7 @@ def plot_accuracy_vs_bits(points, subject, path):
     full_ax.legend(fontsize=8, loc="lower right")
     zoom_ax.set_ylim(*zoom_limits(points))
     zoom_ax.set_title(f"close-up: the top {ZOOM_SPAN:g} points")
-    fig.suptitle(f"{subject}: accuracy against bits (mean ± std over seeds)")
+    fig.suptitle(f"{subject}: accuracy against bits ({records.STD_LABEL})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -212,13 +249,9 @@ def plot_training_curves(curves, names, path):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    missing = [str(r) for r in args.runs if not r.is_dir()]
-    if missing:
-        print(f"error: no such folder: {', '.join(missing)}", file=sys.stderr)
-        return 2
     try:
         points, curves, subjects = collect(args.runs)
-    except ValueError as e:
+    except records.RecordError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not points:

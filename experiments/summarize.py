@@ -20,7 +20,7 @@ already exists (so the command resumes):
 It then writes ``summary.md`` and ``summary.csv`` beside the runs: one row per
 config (plus a PTQ row per K and a "BN re-estimated" row where they apply) with
 the seeds, the bits per weight, the distinct levels, the test accuracy of the final
-model (hard, soft beside it for rings; mean ± std over seeds) and of ``best.pt``,
+model (hard, soft beside it for rings; mean ± population std over seeds) and of ``best.pt``,
 and the packed file's bytes with its compression ratio, overall and over the
 quantized layers.
 
@@ -31,18 +31,18 @@ commit, from which this script (no ``--data-dir`` needed: a run without checkpoi
 gets no evaluations) and ``plot.py`` redraw the table and the figures.
 """
 import argparse
-import csv
 import json
 import math
 import shutil
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import records  # noqa: E402
+from ringq.runtime import run_logged  # noqa: E402
+
 COLUMNS = ["row", "seeds", "bits", "levels", "final_hard", "final_soft", "best_hard", "bytes",
            "ratio", "ratio_quantized"]
 RECORDS = ("config.yaml", "final.json", "metrics.csv", "log.txt", "eval_*.json", "export_*.json")
@@ -64,35 +64,26 @@ def get_args_parser():
     return parser
 
 
-def finished_runs(root):
-    """(config, seed, folder, resolved config, final.json) of every finished run."""
-    for final in sorted(root.glob("*/seed*/final.json")):
-        folder = final.parent
-        cfg = yaml.safe_load((folder / "config.yaml").read_text())
-        yield (folder.parent.name, int(folder.name[len("seed"):]), folder, cfg,
-               json.loads(final.read_text()))
-
-
 def published_ring(cfg):
     return cfg["quantization"] == "ring" and cfg.get("ring_layout", "published") == "published"
 
 
 def evaluations(folder, cfg, args):
     """{json file name: command} of the evaluations a run gets (see the module docstring)."""
-    evaluate = [sys.executable, "evaluate.py", "--data-dir", args.data_dir, "--no-download",
+    data_dir = Path(args.data_dir or ".").resolve()  # the commands run in the run's folder
+    evaluate = [sys.executable, ROOT / "evaluate.py", "--data-dir", data_dir, "--no-download",
                 "--device", args.device, "--quiet"]
-    export = [sys.executable, "export.py", "--quiet"]
-    best, last = folder / "best.pt", folder / "last.pt"
+    export = [sys.executable, ROOT / "export.py", "--quiet"]
+    best, last = "best.pt", "last.pt"  # relative: the reports name the run's own files
     steps = {"eval_best.json": evaluate + ["--checkpoint", best]}
     if cfg["quantization"] == "none":
         for k in args.ptq_bits:
             steps[f"eval_ptq{k}.json"] = evaluate + ["--checkpoint", last, "--ptq-bits", k]
             steps[f"eval_best_ptq{k}.json"] = evaluate + ["--checkpoint", best, "--ptq-bits", k]
             steps[f"export_ptq{k}.json"] = export + ["--checkpoint", last, "--bits", k,
-                                                     "--output", folder / f"ptq{k}.rqp"]
+                                                     "--output", f"ptq{k}.rqp"]
     else:
-        steps["export_best.json"] = export + ["--checkpoint", best, "--output",
-                                              folder / "best.rqp"]
+        steps["export_best.json"] = export + ["--checkpoint", best, "--output", "best.rqp"]
     if published_ring(cfg) and args.bn_recalibrate:
         steps["eval_bn.json"] = evaluate + ["--checkpoint", last, "--bn-recalibrate",
                                             args.bn_recalibrate]
@@ -109,16 +100,10 @@ def missing_evaluations(folder, cfg, args):
 
 
 def run_evaluations(folder, steps):
-    """Run the evaluations ``steps`` ({json name: command}); the names of those that failed."""
-    failed = []
-    for name, cmd in steps.items():
-        cmd = [str(c) for c in cmd] + ["--json", str(folder / name)]
-        with open(folder / "summarize.log", "a") as log:
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            if subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT):
-                failed.append(f"{folder}/{name}")
-    return failed
+    """Run the evaluations ``steps`` ({json name: command}) in the run's folder; the names
+    of those that failed."""
+    return [f"{folder}/{name}" for name, cmd in steps.items()
+            if run_logged(cmd + ["--json", name], folder / "summarize.log", folder)[0]]
 
 
 def _read(folder, name):
@@ -164,49 +149,55 @@ def row_samples(config, folder, cfg, final, ptq_bits):
 
 
 def summarise(runs, ptq_bits):
-    """Table rows (dicts of COLUMNS, formatted), in config order."""
+    """Table rows (dicts of COLUMNS, formatted), in config order; RecordError when the
+    runs of one config are not seeds of one recipe."""
     samples = {}
-    for config, _, folder, cfg, final in runs:
-        for row, values in row_samples(config, folder, cfg, final, ptq_bits).items():
-            samples.setdefault(row, []).append(values)
+    for group in records.rows_by_config(runs).values():
+        for run in group:
+            for row, values in row_samples(run.config, run.folder, run.cfg, run.final,
+                                           ptq_bits).items():
+                samples.setdefault(row, []).append(values)
     table = []
     for row, seeds in samples.items():
         out = {"row": row, "seeds": len(seeds), "bits": f"{seeds[0]['bits']:g}",
                "levels": seeds[0]["levels"]}
         for key in ("final_hard", "final_soft", "best_hard"):
-            values = [s[key] for s in seeds if s.get(key) is not None]
-            out[key] = (f"{statistics.fmean(values):.2f}" + (
-                f" ± {statistics.pstdev(values):.2f}" if len(values) > 1 else "")) \
-                if values else "-"
+            out[key] = records.format_mean_std([s[key] for s in seeds if s.get(key) is not None])
         for key, fmt in (("bytes", "{:,.0f}"), ("ratio", "{:.2f}x"),
                          ("ratio_quantized", "{:.2f}x")):
             values = [s[key] for s in seeds if s.get(key) is not None]
-            out[key] = fmt.format(statistics.fmean(values)) if values else "-"
+            out[key] = fmt.format(records.mean_std(values)[0]) if values else "-"
         table.append(out)
     return table
 
 
+HEADER = ["row", "seeds", "bits", "levels", "final, hard", "final, soft", "best.pt, hard",
+          "packed bytes (best.pt)", "ratio (best.pt)", "ratio, quantized layers"]
+NOTE = (f"Test accuracy, {records.STD_LABEL}. The packed bytes and ratios are those of "
+        "best.pt's packed file (the final model's file differs by a few bytes of header).")
+
+
 def write_summary(table, root):
-    with open(root / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
-    head = ("| row | seeds | bits | levels | final, hard | final, soft | best.pt, hard | "
-            "packed bytes | ratio | ratio, quantized layers |")
-    lines = [head, "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in table]
-    (root / "summary.md").write_text("\n".join(lines) + "\n")
-    return "\n".join(lines)
+    records.write_csv(root / "summary.csv", COLUMNS, table)
+    text = NOTE + "\n\n" + records.markdown_table(HEADER, [[r[c] for c in COLUMNS]
+                                                         for r in table])
+    (root / "summary.md").write_text(text + "\n")
+    return text
 
 
 def archive(runs, dest):
-    """Copy the ``RECORDS`` of every run to ``dest/<config>/seed<k>/``."""
-    for config, seed, folder, _, _ in runs:
-        target = dest / config / f"seed{seed}"
+    """Copy the ``RECORDS`` of every run to ``dest/<config>/seed<k>/``; the log's machine
+    paths become placeholders (:func:`records.portable_log`)."""
+    for run in runs:
+        target, folder = dest / run.config / f"seed{run.seed}", run.folder
         target.mkdir(parents=True, exist_ok=True)
         for pattern in RECORDS:
             for path in folder.glob(pattern):
-                shutil.copy2(path, target / path.name)
+                if path.name == "log.txt":
+                    (target / path.name).write_text(records.portable_log(path.read_text(),
+                                                                         folder))
+                else:
+                    shutil.copy2(path, target / path.name)
 
 
 def main(argv=None):
@@ -214,11 +205,16 @@ def main(argv=None):
     if not args.runs.is_dir():
         print(f"error: no such folder: {args.runs}", file=sys.stderr)
         return 2
-    runs = list(finished_runs(args.runs))
+    try:
+        runs = records.finished_runs(args.runs)
+        records.rows_by_config(runs)
+    except records.RecordError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not runs:
         print(f"error: no finished runs (final.json) under {args.runs}", file=sys.stderr)
         return 2
-    steps = {folder: missing_evaluations(folder, cfg, args) for _, _, folder, cfg, _ in runs}
+    steps = {run.folder: missing_evaluations(run.folder, run.cfg, args) for run in runs}
     if any(steps.values()) and not args.data_dir:
         print(f"error: {sum(map(len, steps.values()))} evaluation(s) to run (first: "
               f"{next(f for f, s in steps.items() if s)}); pass --data-dir", file=sys.stderr)

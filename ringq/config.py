@@ -107,6 +107,10 @@ OPTIONS = [
     Option("download", bool, True, "download the dataset with torchvision when missing"),
     Option("val_split", int, 0, "hold out this many class-balanced training images for model "
            "selection (0 = published protocol: select on the test set)", check=_non_negative),
+    Option("val_seed", int, 1, "seed of the validation split's draw, apart from --seed so "
+           "that runs of every seed (and the checkpoints they start from or learn from) hold "
+           "out the same images; 1 is the split the seed-1 runs of the recorded sweeps used "
+           "(records written before this option drew the split with --seed)", check=_seed),
     Option("subset", int, 0, "train on this many class-balanced training images (0 = all)",
            check=_non_negative),
     Option("loader", str, "memory", "'memory': dataset held on the device, augmented in batch; "
@@ -153,7 +157,7 @@ FIXED_ON_RESUME = ("model", "quantization", "ring_size", "ring_type", "ring_layo
                    "interpolation", "sigma", "fp32_first_layer", "dataset", "val_split",
                    "subset", "seed", "batch_size", "loader", "momentum", "weight_decay",
                    "position_weight_decay", "position_lr_scale", "position_lr_fan_in",
-                   "select_mode", "bits", "init_from")
+                   "select_mode", "bits", "val_seed", "init_source")
 
 
 def _flag(name):
@@ -235,12 +239,24 @@ def load_yaml(path):
     return {} if data is None else check_mapping(data, f"config file {path}")
 
 
+def with_recorded_split(recorded):
+    """``recorded`` with ``val_seed`` set as its run drew it: records written before
+    ``val_seed`` existed drew the validation split with ``seed``."""
+    if "val_seed" in recorded:
+        return recorded
+    return {**recorded, "val_seed": recorded.get("seed", OPTION_BY_NAME["seed"].default)}
+
+
 def recorded_config(data, where, task):
-    """A config recorded in a checkpoint: known options checked, missing ones defaulted."""
+    """A config recorded in a checkpoint: known options checked, missing ones defaulted
+    (``val_seed`` as :func:`with_recorded_split`); ``init_source`` kept."""
     if not isinstance(data, dict):
         raise RingqError(f"{where} is not a mapping")
     cfg = {o.name: o.default for o in OPTIONS}
-    cfg.update(check_mapping({k: v for k, v in data.items() if k in OPTION_BY_NAME}, where))
+    cfg.update(check_mapping({k: v for k, v in with_recorded_split(data).items()
+                              if k in OPTION_BY_NAME}, where))
+    cfg["init_source"] = data.get("init_source") if isinstance(data.get("init_source"),
+                                                               dict) else None
     try:
         validate(cfg, task)
     except RingqError as e:

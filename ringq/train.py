@@ -27,6 +27,7 @@ from models.utils import count_parameters, quant_summary, ring_layers, ring_summ
 
 from . import config as config_lib
 from . import data as data_lib
+from . import identity
 from .atomic import remove_stale_temps, save_atomic, write_text_atomic
 from .checkpoint import FORMAT, load_model_from_checkpoint, load_state, safe_load
 from .distributed import cleanup, convert_batchnorm, init_distributed, local_rank_first, unwrap
@@ -106,10 +107,14 @@ def _load_resume(path, task):
     return Resume(Path(path), ckpt)
 
 
-def _resolve(args, task):
-    """Config dict and Resume (or None), all checked before any write."""
+def resolve_run(args, task):
+    """Config dict and Resume (or None) of parsed training flags, all checked before any
+    write; a fresh run with ``init_from`` gets its ``init_source`` (split checked)."""
     if not args.resume:
-        return config_lib.resolve(args, task), None
+        cfg = config_lib.resolve(args, task)
+        if cfg["init_from"] is not None:
+            cfg["init_source"] = identity.load_source(cfg["init_from"], cfg, "--init-from")[1]
+        return cfg, None
     resume = _load_resume(args.resume, task)
     recorded = resume.checkpoint["config"]
     cfg = config_lib.resolve(args, task, base={**recorded,
@@ -176,7 +181,8 @@ def load_datasets(cfg, dist_info, device):
         if cfg["val_split"] >= len(train):
             raise RingqError(f"val_split {cfg['val_split']} is not smaller than the "
                              f"{len(train)} training images")
-        train_idx, val_idx = data_lib.train_val_split(train.labels, cfg["val_split"], cfg["seed"])
+        train_idx, val_idx = data_lib.train_val_split(train.labels, cfg["val_split"],
+                                                      cfg["val_seed"])
         train, val = train.subset(train_idx), train.subset(val_idx)
     if cfg["subset"]:
         if cfg["subset"] > len(train):
@@ -258,6 +264,15 @@ def _wrap(model, cfg, device, dist_info):
     return model
 
 
+def portable_config(cfg):
+    """``cfg`` as config.yaml records it, to be archived and shipped: without the run's
+    own folder and without absolute paths of this machine (a relative data_dir or
+    init_from stays; ``init_source`` names the source of --init-from). The checkpoints
+    keep the full config, so that ``--resume`` finds the data again."""
+    return {k: v for k, v in cfg.items() if k != "output_dir" and not (
+        k in ("data_dir", "init_from") and v is not None and Path(v).is_absolute())}
+
+
 def _checkpoint(run, epoch, history, best):
     """Everything to resume or evaluate the run; ``sigma`` is the kernel width in effect."""
     summary = ring_summary(unwrap(run.model))  # sigma: ring models only
@@ -309,7 +324,7 @@ def _prepare_output(out, cfg, resume, overwrite, history):
     stale = ("final.json",) if _own_run(out, resume) else RUN_FILES if overwrite else ()
     for name in stale:
         (out / name).unlink(missing_ok=True)
-    config_lib.save_yaml(cfg, out / "config.yaml")
+    config_lib.save_yaml(portable_config(cfg), out / "config.yaml")
     if history:
         _write_metrics(history, out / "metrics.csv")
 
@@ -387,7 +402,8 @@ def _setup(cfg, resume, overwrite, out, device, precision, dist_info, stop):
     history, best, start_epoch, rng = [], {"epoch": 0, "accuracy": -1.0}, 1, None
     if resume is not None:
         history, best, start_epoch, rng = _restore(resume, model, optimizer, mcfg)
-    cfg = {**cfg, "precision_used": precision, "versions": library_versions()}
+    cfg = {**cfg, "precision_used": precision, "versions": library_versions(),
+           "git": identity.git_state(), "fingerprint": identity.fingerprints(cfg)}
     model = _wrap(model, cfg, device, dist_info)
     train_loader, eval_loaders = make_loaders(cfg, train_set, val_set, test_set, dist_info, device)
     if dist_info.is_main:
@@ -475,8 +491,9 @@ def _train(cfg, resume, overwrite, out, device, precision, dist_info, stop):
     results = evaluate_all_modes(run.model, run.eval_loaders["test"], device,
                                  run.cfg["channels_last"])
     _check_stop(stop, device, "during the final evaluation")
-    final = report_dict(unwrap(run.model), run.mcfg, results, checkpoint=str(out / "last.pt"))
-    final["best"] = best
+    final = report_dict(unwrap(run.model), run.mcfg, results, checkpoint="last.pt")
+    final.update(best=best, fingerprint=run.cfg["fingerprint"], git=run.cfg["git"],
+                 split=identity.describe_split(identity.split_of(run.cfg)))
     if main_process:
         write_text_atomic(json.dumps(final, indent=2) + "\n", out / "final.json")
     _log(dist_info, "final test accuracy: " + ", ".join(
@@ -504,6 +521,6 @@ def report_dict(model, mcfg, results, **extra):
 def main(task, argv=None):
     def _main(argv):
         args = get_args_parser(task).parse_args(argv)
-        cfg, resume = _resolve(args, task)
+        cfg, resume = resolve_run(args, task)
         return train(cfg, resume, task, overwrite=args.overwrite)
     return run_cli(_main, argv)

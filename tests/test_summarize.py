@@ -21,7 +21,8 @@ def sweep(idx_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     for name, extra in CONFIGS.items():
         out = root / name / "seed1"
-        assert train_main("mnist", tiny_args(idx_data, out, "--model", "mlp", *extra)) == 0
+        assert train_main("mnist", tiny_args(idx_data, out, "--model", "mlp", "--seed", 1,
+                                             *extra)) == 0
     return root, idx_data
 
 

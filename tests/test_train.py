@@ -19,6 +19,7 @@ import ringq.train
 from ringq.checkpoint import safe_load
 from ringq.config import OPTIONS
 from ringq.engine import Interrupted, StopSignals, lr_at
+from ringq.identity import fingerprints
 from ringq.runtime import library_versions, run_cli
 from ringq.train import METRIC_FIELDS, RUN_FILES
 from run_helpers import (exit_code, metric_rows, run_differences, snapshot, tiny_args,
@@ -48,17 +49,22 @@ def test_run_writes_every_output(reference):
     assert set(final["best"]) == {"epoch", "accuracy", "mode", "split"}
     config = yaml.safe_load((reference / "config.yaml").read_text())
     assert config["seed"] == 42 and config["versions"] == library_versions()
-    assert {o.name for o in OPTIONS} <= set(config)
+    # every option but the run's own folder and this machine's paths (the data are absolute here)
+    assert {o.name for o in OPTIONS} - set(config) == {"output_dir", "data_dir"}
+    assert config["fingerprint"] == final["fingerprint"] == fingerprints(config)
+    assert final["checkpoint"] == "last.pt" and final["split"] == "fashion-mnist, no " \
+        "validation split"
+    assert set(config["git"]) == {"commit", "dirty"} and final["git"] == config["git"]
 
 
-def test_checkpoints_are_plain_data_and_evaluate_alone(reference, tmp_path, capsys):
+def test_checkpoints_are_plain_data_and_evaluate_alone(reference, idx_data, tmp_path, capsys):
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(reference / name, weights_only=True)
-        assert ckpt["format"] == "ringq" and ckpt["config"]["data_dir"]
+        assert ckpt["format"] == "ringq" and ckpt["config"]["data_dir"]  # for --resume
     report_path = tmp_path / "report.json"
     assert exit_code(run_cli, evaluate.main, ["--checkpoint", str(reference / "last.pt"),
-                                              "--json", str(report_path), "--quiet",
-                                              "--no-download"]) == 0
+                                              "--data-dir", str(idx_data), "--json",
+                                              str(report_path), "--quiet", "--no-download"]) == 0
     report = json.loads(report_path.read_text())
     final = json.loads((reference / "final.json").read_text())
     for key in ("accuracy", "loss"):  # other batch size than in training: float noise only
