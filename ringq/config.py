@@ -85,6 +85,14 @@ OPTIONS = [
            "(default: ring-quantized, as published)"),
     Option("init_from", str, None, "start a ring or uniform model from this FP32 checkpoint of "
            "the same network (a last.pt or best.pt of a --quantization none run)"),
+    Option("distill_from", str, None, "learn also from this frozen FP32 checkpoint of the same "
+           "network (a last.pt or best.pt of a --quantization none run, trained on the same "
+           "validation split): the loss becomes (1 - A) * cross-entropy + A * T^2 * "
+           "KL(teacher || student) at temperature T"),
+    Option("distill_weight", float, 0.5, "A: the weight of the teacher's term (0 = plain "
+           "cross-entropy)", check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
+    Option("distill_temperature", float, 4.0, "T: the softmax temperature of both sides of "
+           "the teacher's term", check=_positive),
     # k-bit recipe
     Option("sigma_final", float, None, "anneal sigma geometrically to this value by the last "
            "epoch (default: no annealing)", check=_optional_positive),
@@ -157,7 +165,12 @@ FIXED_ON_RESUME = ("model", "quantization", "ring_size", "ring_type", "ring_layo
                    "interpolation", "sigma", "fp32_first_layer", "dataset", "val_split",
                    "subset", "seed", "batch_size", "loader", "momentum", "weight_decay",
                    "position_weight_decay", "position_lr_scale", "position_lr_fan_in",
-                   "select_mode", "bits", "val_seed", "init_source")
+                   "select_mode", "bits", "val_seed", "init_source",
+                   "distill_source", "distill_weight", "distill_temperature")
+
+
+# Identities of the checkpoints a run learns from (ringq.identity), recorded beside the options.
+SOURCE_KEYS = ("init_source", "distill_source")
 
 
 def _flag(name):
@@ -249,14 +262,14 @@ def with_recorded_split(recorded):
 
 def recorded_config(data, where, task):
     """A config recorded in a checkpoint: known options checked, missing ones defaulted
-    (``val_seed`` as :func:`with_recorded_split`); ``init_source`` kept."""
+    (``val_seed`` as :func:`with_recorded_split`); the ``SOURCE_KEYS`` kept."""
     if not isinstance(data, dict):
         raise RingqError(f"{where} is not a mapping")
     cfg = {o.name: o.default for o in OPTIONS}
     cfg.update(check_mapping({k: v for k, v in with_recorded_split(data).items()
                               if k in OPTION_BY_NAME}, where))
-    cfg["init_source"] = data.get("init_source") if isinstance(data.get("init_source"),
-                                                               dict) else None
+    for key in SOURCE_KEYS:
+        cfg[key] = data.get(key) if isinstance(data.get(key), dict) else None
     try:
         validate(cfg, task)
     except RingqError as e:

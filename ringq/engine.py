@@ -97,7 +97,19 @@ def apply_epoch_schedule(model, cfg, base_sigma, epoch):
         set_weight_mode(model, train_mode_at(cfg, epoch))
 
 
-def _forward_backward(model, params, x, y, optimizer, cfg, precision, max_norm, scale):
+def distillation_loss_sum(logits, y, teacher_logits, weight, temperature):
+    """Summed loss of a batch learning from a teacher (logits, teacher_logits [B, classes],
+    labels y [B]): (1 - weight) * cross-entropy + weight * T^2 * KL(teacher_T || student_T),
+    both softened by the temperature T; weight 0 gives the cross-entropy exactly."""
+    ce = F.cross_entropy(logits, y, reduction="sum")
+    kl = F.kl_div(F.log_softmax(logits / temperature, dim=1),
+                  F.log_softmax(teacher_logits / temperature, dim=1), reduction="sum",
+                  log_target=True)
+    return (1 - weight) * ce + weight * temperature ** 2 * kl
+
+
+def _forward_backward(model, params, x, y, optimizer, cfg, precision, max_norm, scale,
+                      teacher=None):
     """Gradients of one batch: (logits, summed loss of this share, finite flag), all on the device.
 
     The summed loss is multiplied by ``scale`` = processes / global batch size,
@@ -105,11 +117,20 @@ def _forward_backward(model, params, x, y, optimizer, cfg, precision, max_norm, 
     the mean loss over the global batch, also when the processes hold unequal
     (or empty) shares of a final partial batch. The finite flag (bool, 0-dim)
     is True when the loss and the gradient norm are finite; nothing is read
-    back to the host here.
+    back to the host here. With a ``teacher`` (a frozen model in eval mode, run without
+    gradients in the same precision) the loss is :func:`distillation_loss_sum`.
     """
+    x = to_layout(x, cfg["channels_last"])
     with autocast(x.device, precision):
-        logits = model(to_layout(x, cfg["channels_last"]))
-    loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+        logits = model(x)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+    if teacher is None:
+        loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+    else:
+        loss_sum = distillation_loss_sum(logits.float(), y, teacher_logits.float(),
+                                         cfg["distill_weight"], cfg["distill_temperature"])
     optimizer.zero_grad(set_to_none=True)
     (loss_sum * scale).backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
@@ -125,10 +146,11 @@ def _undo_forward(model, optimizer, buffers):
 
 
 def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, progress=True,
-                    precision="fp32"):
+                    precision="fp32", teacher=None):
     """One pass over ``loader``; returns {"loss", "accuracy", "skipped_steps"} (global).
 
-    ``precision``: ``fp32`` or ``bf16`` (autocast of forward and backward).
+    ``precision``: ``fp32`` or ``bf16`` (autocast of forward and backward). ``teacher``:
+    a frozen model to distil from (``cfg`` distill_weight, distill_temperature).
     After each step positions are clamped to [0, 1]. A non-finite loss or
     gradient norm stops the run (NonFiniteError) or, under ``nan_policy``
     skip-step, leaves weights and buffers as they were before the step. A
@@ -153,7 +175,8 @@ def train_one_epoch(model, loader, optimizer, cfg, epoch, device, stop=None, pro
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         buffers = [b.clone() for b in plain.buffers()] if skip else None
         logits, batch_loss, finite = _forward_backward(model, params, x, y, optimizer, cfg,
-                                                       precision, max_norm, world / global_size)
+                                                       precision, max_norm, world / global_size,
+                                                       teacher)
         stats = [batch_loss.double(), (logits.argmax(1) == y).sum().double(),
                  (~finite).double()]
         received = stop is not None and stop.received is not None

@@ -4,9 +4,10 @@ Two runs whose *recipe* (every option that changes what is trained, less the see
 and the validation split's seed) is the same are seeds of one table row; two runs
 whose *run* identity (the recipe plus ``seed`` and ``val_seed``) is the same are the
 same run. Left out of both: the device, the paths, the verbosity and the loader's
-worker count (``NOT_IDENTITY``). ``--init-from`` enters as ``init_source``: the
-identity of the source checkpoint (its own run fingerprint and epoch, or the sha256
-of its weights for a file without a recorded config), never its path.
+worker count (``NOT_IDENTITY``). ``--init-from`` enters as ``init_source`` and
+``--distill-from`` as ``distill_source``: the identity of the source checkpoint (its
+own run fingerprint and epoch, or the sha256 of its weights for a file without a
+recorded config), never its path.
 
 An option at its default is left out of the fingerprint, so options added later
 (with a default that changes nothing) leave earlier fingerprints as they were.
@@ -22,7 +23,8 @@ import torch
 from . import config as config_lib
 from .errors import CheckpointError
 
-NOT_IDENTITY = ("device", "data_dir", "output_dir", "quiet", "workers", "download", "init_from")
+NOT_IDENTITY = ("device", "data_dir", "output_dir", "quiet", "workers", "download", "init_from",
+                "distill_from")
 PER_RUN = ("seed", "val_seed")  # in the run identity, not in the recipe
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +39,17 @@ def identity_options(cfg, per_run=True):
         value = cfg.get(o.name, o.default)
         if value != o.default:
             out[o.name] = value
-    if cfg.get("init_source") is not None:  # the file's name is not its identity
-        out["init_source"] = {k: v for k, v in cfg["init_source"].items() if k != "file"}
-    elif cfg.get("init_from"):  # a record written before init sources were fingerprinted
-        out["init_source"] = {"path": Path(cfg["init_from"]).name}
+    for key, flag in (("init_source", "init_from"), ("distill_source", "distill_from")):
+        if cfg.get(key) is not None:
+            out[key] = same_source(cfg[key])
+        elif cfg.get(flag):  # a record written before sources were fingerprinted
+            out[key] = {"path": Path(cfg[flag]).name}
     return out
+
+
+def same_source(source):
+    """A source identity without the file's name, which is not part of it."""
+    return {k: v for k, v in source.items() if k != "file"}
 
 
 def _digest(options):

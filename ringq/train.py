@@ -109,11 +109,15 @@ def _load_resume(path, task):
 
 def resolve_run(args, task):
     """Config dict and Resume (or None) of parsed training flags, all checked before any
-    write; a fresh run with ``init_from`` gets its ``init_source`` (split checked)."""
+    write. A fresh run gets the ``init_source`` of ``init_from`` and the ``distill_source``
+    of ``distill_from`` (splits checked); a resumed run must find the teacher it had."""
     if not args.resume:
         cfg = config_lib.resolve(args, task)
         if cfg["init_from"] is not None:
             cfg["init_source"] = identity.load_source(cfg["init_from"], cfg, "--init-from")[1]
+        if cfg["distill_from"] is not None:
+            cfg["distill_source"] = identity.load_source(cfg["distill_from"], cfg,
+                                                         "--distill-from")[1]
         return cfg, None
     resume = _load_resume(args.resume, task)
     recorded = resume.checkpoint["config"]
@@ -125,6 +129,12 @@ def resolve_run(args, task):
             f"{resume.path}: the checkpoint's {recorded['model']} run has "
             + ", ".join(f"{k}={recorded[k]!r}" for k in changed) + "; it cannot continue with "
             + ", ".join(f"{k}={cfg[k]!r}" for k in changed) + " (start a new run instead)")
+    if cfg["distill_from"] is not None:
+        found = identity.load_source(cfg["distill_from"], cfg, "--distill-from")[1]
+        if identity.same_source(found) != identity.same_source(cfg["distill_source"] or {}):
+            raise CheckpointError(f"{cfg['distill_from']}: not the teacher this run learnt from "
+                                  f"(its identity differs from the recorded distill_source); "
+                                  f"pass --distill-from with that checkpoint")
     return cfg, resume
 
 
@@ -243,6 +253,30 @@ def _init_from(model, mcfg, path):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _load_teacher(cfg, mcfg, device):
+    """The frozen FP32 teacher of ``--distill-from`` (eval mode, no gradients), or None.
+
+    CheckpointError (one line) unless it is an FP32 model of this run's network with
+    this run's classes and input channels.
+    """
+    path = cfg["distill_from"]
+    if path is None:
+        return None
+    teacher, tcfg, _ = load_model_from_checkpoint(path)
+    if tcfg.get("quantization") != "none":
+        raise CheckpointError(f"{path}: not an FP32 checkpoint (quantization "
+                              f"{tcfg.get('quantization')!r}); --distill-from needs the last.pt "
+                              f"or best.pt of a --quantization none run")
+    for key, default in (("model", None), ("num_classes", 10), ("in_channels", None)):
+        theirs, ours = tcfg.get(key, default), mcfg.get(key, default)
+        if key != "in_channels" or theirs is not None:
+            if theirs != ours:
+                raise CheckpointError(f"{path}: the teacher has {key} {theirs!r}, this run's "
+                                      f"network {ours!r}; --distill-from needs the same network")
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return teacher.to(memory_format=torch.channels_last) if cfg["channels_last"] else teacher
+
+
 def _describe(summary):
     """What the log says about a model's weights."""
     if summary is None:
@@ -267,10 +301,11 @@ def _wrap(model, cfg, device, dist_info):
 def portable_config(cfg):
     """``cfg`` as config.yaml records it, to be archived and shipped: without the run's
     own folder and without absolute paths of this machine (a relative data_dir or
-    init_from stays; ``init_source`` names the source of --init-from). The checkpoints
+    init_from stays; ``init_source`` / ``distill_source`` name the sources). The checkpoints
     keep the full config, so that ``--resume`` finds the data again."""
     return {k: v for k, v in cfg.items() if k != "output_dir" and not (
-        k in ("data_dir", "init_from") and v is not None and Path(v).is_absolute())}
+        k in ("data_dir", "init_from", "distill_from") and v is not None
+        and Path(v).is_absolute())}
 
 
 def _checkpoint(run, epoch, history, best):
@@ -358,6 +393,7 @@ class _Run(NamedTuple):
     precision: str
     dist_info: object
     stop: StopSignals
+    teacher: torch.nn.Module  # or None
 
 
 def train(cfg, resume, task, overwrite=False):
@@ -397,6 +433,7 @@ def _setup(cfg, resume, overwrite, out, device, precision, dist_info, stop):
     if cfg["init_from"] is not None and resume is None:
         apply_epoch_schedule(model, cfg, base_sigma, 1)  # match the weights epoch 1 starts with
         _init_from(model, mcfg, cfg["init_from"])
+    teacher = _load_teacher(cfg, mcfg, device)
     optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg["lr"],
                                 momentum=cfg["momentum"])
     history, best, start_epoch, rng = [], {"epoch": 0, "accuracy": -1.0}, 1, None
@@ -410,6 +447,8 @@ def _setup(cfg, resume, overwrite, out, device, precision, dist_info, stop):
         _prepare_output(out, cfg, resume, overwrite, history)
     _log(dist_info, f"run {out}: {cfg['model']} {_describe(summary)}"
          + (f" from {cfg['init_from']}" if cfg["init_from"] else "")
+         + (f", distilled from {cfg['distill_from']} (weight {cfg['distill_weight']:g}, "
+            f"temperature {cfg['distill_temperature']:g})" if teacher is not None else "")
          + f", {count_parameters(unwrap(model)):,} parameters, {len(train_set)} training images, "
          f"device {device} ({precision}), {dist_info.world_size} process(es)")
     select_split = "val" if val_set is not None else "test"
@@ -417,7 +456,7 @@ def _setup(cfg, resume, overwrite, out, device, precision, dist_info, stop):
         _log(dist_info, "model selection on the TEST split (published protocol); pass "
                         "--val-split N for an honest held-out selection")
     run = _Run(cfg, mcfg, model, optimizer, train_loader, eval_loaders, select_split,
-               base_sigma, device, precision, dist_info, stop)
+               base_sigma, device, precision, dist_info, stop, teacher)
     return run, history, best, start_epoch, rng
 
 
@@ -435,7 +474,7 @@ def _run_epoch(run, epoch):
     run.train_loader.set_epoch(epoch)
     progress = not cfg["quiet"] and run.dist_info.is_main
     stats = train_one_epoch(run.model, run.train_loader, run.optimizer, cfg, epoch, run.device,
-                            run.stop, progress, run.precision)
+                            run.stop, progress, run.precision, run.teacher)
     results = evaluate_all_modes(run.model, run.eval_loaders[run.select_split], run.device,
                                  cfg["channels_last"])
     first, hard = next(iter(results.values())), results.get("hard")  # soft, hard or fp32
