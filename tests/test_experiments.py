@@ -139,3 +139,17 @@ def test_200_epoch_configs_are_their_cpu_rows_on_the_published_schedule():
             assert base["ste_epochs"] == 6
             scaled["ste_epochs"] = 40  # a fifth of the run, as 6 of 30 (and 12 of 60)
         assert config_lib.load_yaml(path) == {**base, **scaled}, path.name
+
+
+def test_distillation_trials_are_their_rows_with_the_fp32_teacher():
+    """experiments/cifar10_cpu_distill: the 30-epoch k-bit ring-4 and LSQ 2-bit rows, each
+    with the shipped 30-epoch FP32 model as teacher and nothing else changed."""
+    teacher = {"distill_from": "pretrained/resnet20_fp32_cifar10.pt", "distill_weight": 0.5,
+               "distill_temperature": 4.0}
+    paths = sorted((ROOT / "experiments" / "cifar10_cpu_distill").glob("*.yaml"))
+    assert [p.stem for p in paths] == ["resnet20_ring4_kbit_distill", "resnet20_uniform2_distill"]
+    for path in paths:
+        row = path.stem.removesuffix("_distill")
+        base = config_lib.load_yaml(ROOT / "experiments" / "cifar10_cpu" / f"{row}.yaml")
+        assert config_lib.load_yaml(path) == {**base, **teacher}
+    assert (ROOT / teacher["distill_from"]).is_file()
