@@ -15,9 +15,11 @@ is drawn as one series per RUNS_DIR, labelled with the folder's name. Methods:
 
 - FP32 (a horizontal line with its seed band);
 - PTQ: ``evaluate.py --ptq-bits K`` of an FP32 run;
-- LSQ QAT: ``--quantization uniform --bits K`` (and with ``--init-from``);
+- LSQ QAT: ``--quantization uniform --bits K`` (and with ``--init-from`` or
+  ``--distill-from``);
 - ring, published recipe: soft and hard (triangle ring, Gaussian kernel only);
-- ring, k-bit recipe (``ring_layout: distinct``; and with ``--init-from``).
+- ring, k-bit recipe (``ring_layout: distinct``; and with ``--init-from`` or
+  ``--distill-from``).
 
 x is the bits per weight (log2 of the ring size for rings), y the test accuracy of
 the final model, the mean over seeds with the population std as error bar; a
@@ -46,7 +48,8 @@ FIGURES = ("accuracy_vs_bits.png", "training_curves.png")
 STYLE = {"PTQ": ("tab:gray", "s"), "LSQ QAT": ("tab:blue", "o"),
          "LSQ QAT, FP32 init": ("tab:cyan", "o"), "ring published, soft": ("tab:orange", "^"),
          "ring published, hard": ("tab:red", "v"), "ring k-bit": ("tab:green", "D"),
-         "ring k-bit, FP32 init": ("tab:olive", "D")}
+         "ring k-bit, FP32 init": ("tab:olive", "D"), "LSQ QAT, distilled": ("tab:purple", "P"),
+         "ring k-bit, distilled": ("tab:brown", "P")}
 
 
 def get_args_parser():
@@ -64,7 +67,8 @@ def run_points(cfg, final):
     """[(method, bits, accuracy)] that one finished run contributes."""
     quantization = cfg["quantization"]
     accuracy = final["accuracy"]
-    init = ", FP32 init" if cfg.get("init_from") else ""
+    init = (", FP32 init" if cfg.get("init_from") else "") + \
+        (", distilled" if cfg.get("distill_from") else "")
     if quantization == "none":
         return [("FP32", 32, accuracy["fp32"])]
     if quantization == "uniform":

@@ -107,3 +107,13 @@ def test_two_configs_of_one_point_are_refused(tmp_path, capsys):
     assert err.count("\n") == 1
     assert "resnet20_ring4_kbit, resnet20_ring4_kbit_sigma1" in err and "'ring k-bit' at 2" in err
     assert not (tmp_path / "fig").exists()
+
+
+def test_warm_started_and_distilled_runs_are_their_own_methods():
+    cfg = {"quantization": "ring", "ring_size": 4, "ring_layout": "distinct"}
+    final = {"accuracy": {"soft": 80.0, "hard": 80.0}}
+    assert plot.run_points({**cfg, "distill_from": "t.pt"}, final) == [
+        ("ring k-bit, distilled", 2.0, 80.0)]
+    assert plot.run_points({"quantization": "uniform", "bits": 2, "init_from": "f.pt"},
+                           final) == [("LSQ QAT, FP32 init", 2, 80.0)]
+    assert {"ring k-bit, distilled", "LSQ QAT, distilled"} <= set(plot.STYLE)
