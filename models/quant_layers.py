@@ -125,8 +125,9 @@ class QuantizedLinear:
         return f"{self.in_features}, {self.out_features}, " + super().extra_repr()
 
 
-def quantized_layers(module):
-    """Every :class:`QuantizedLayer` in ``module``, in module order."""
+def quantized_modules(module):
+    """Every :class:`QuantizedLayer` in ``module``, in module order (the layers only; for
+    (name, layer) pairs see :func:`models.utils.quantized_layers`)."""
     return [m for m in module.modules() if isinstance(m, QuantizedLayer)]
 
 
@@ -140,7 +141,7 @@ def prepare_weights(module, inputs=None):
     weight tensors: sigma annealing, mode switches and position updates recompile
     nothing.
     """
-    layers = quantized_layers(module)
+    layers = quantized_modules(module)
     for layer in layers:
         layer._step_weight = None
     if torch.is_grad_enabled():
@@ -154,5 +155,5 @@ def prepare_weights(module, inputs=None):
 @torch.compiler.disable
 def clear_weights(module, inputs=None, output=None):
     """Forward hook: drop the weights :func:`prepare_weights` set (they hold the step's graph)."""
-    for layer in quantized_layers(module):
+    for layer in quantized_modules(module):
         layer._step_weight = None

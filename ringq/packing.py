@@ -27,7 +27,14 @@ exactly those of the source. Version 1 files (ring records only) still load.
 Every other state-dict tensor is stored raw: float32 (float16 with
 ``half=True``), int64 as int64.
 
+Each quantized layer kind has one codec (``CODECS``, by record kind): the
+layer's codes (levels, a level index per weight, bits), its record fields, the
+tensors rebuilt from a record and the state-dict entries they fill. A new kind
+of layer adds one codec and touches nothing else.
+
 Loading reads JSON, zlib and raw numbers only; nothing in a file is executed.
+The header's config is untrusted: it is checked (:mod:`ringq.trust`) and the
+shapes it implies are matched against the records before the model is built.
 """
 import hashlib
 import json
@@ -49,13 +56,13 @@ from models.utils import quantized_layers, set_weight_mode
 
 from .atomic import write_atomic
 from .errors import CheckpointError
+from .trust import check_model_config, meta_model
 
 MAGIC = b"RINGQPK1"
 FORMAT = "ringq-packed"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MAX_BITS = 8
-QUANTIZED_KINDS = ("packed", "uniform")  # records whose payload is bit-packed level indices
 
 _PREFIX = struct.Struct("<8sI")
 _DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8")}
@@ -64,8 +71,6 @@ _HEADER_FIELDS = (("config", dict), ("half", bool), ("rings", list), ("tensors",
                   ("payload_bytes", int), ("payload_sha256", str), ("extra", dict))
 _RECORD_FIELDS = (("kind", str), ("dtype", str), ("shape", list), ("offset", int), ("nbytes", int))
 _CODE_FIELDS = (("bits", int), ("count", int))
-_KIND_FIELDS = {"packed": (("levels", list), ("ring_indices", list), ("ring", int)),
-                "uniform": (("steps", list),)}
 
 
 class _FormatError(Exception):
@@ -123,11 +128,11 @@ def unpack_bits(data, bits, count):
     return torch.from_numpy(values.reshape(count).astype(np.int64))
 
 
-# --- export --------------------------------------------------------------------
-
 def _key(layer_name, attr):
     return f"{layer_name}.{attr}" if layer_name else attr
 
+
+# --- level tables ----------------------------------------------------------------
 
 def level_table(ring):
     """Level table of a ring [N] (any float tensor, read as float32).
@@ -177,6 +182,122 @@ def value_entropy_bits(levels, counts, tol=SAME_VALUE_TOL):
     return entropy_bits(np.add.reduceat(np.asarray(counts), starts))
 
 
+# --- codecs: one per quantized layer kind ---------------------------------------------
+
+class RingCodec:
+    """Ring layers, record kind ``packed``: each weight as its index in the layer's level table.
+
+    Record fields: ``levels`` (the :func:`level_table` values, float32 as JSON
+    numbers), ``ring_indices`` (one ring index per level) and ``ring`` (index of
+    the layer's ring in the header's ``rings``, each distinct ring stored once).
+    Fills the layer's ``positions`` [shape] (``ring_index / N`` of each weight's
+    level) and ``ring_template`` [N].
+    """
+
+    kind = "packed"
+    since_version = 1
+    layer_class = RingLayer
+    description = "ring layer"
+    fields = (("levels", list), ("ring_indices", list), ("ring", int))
+    not_weights = ("ring_template",)  # state-dict entries that hold no weight values
+
+    def codes(self, layer):
+        levels, _, indices = level_indices(layer)
+        return levels.tolist(), indices, max(1, (levels.size - 1).bit_length())
+
+    def shape(self, layer):
+        return list(layer.positions.shape)
+
+    def header_fields(self, name, layer, rings):
+        levels, ring_indices, _ = level_table(layer.ring_template)
+        return {"levels": levels.tolist(), "ring_indices": ring_indices.tolist(),
+                "ring": rings.add(name, layer.ring_template)}
+
+    def covers(self, record, rings):
+        """{state-dict entry: shape} that ``record`` fills (rings: the header's, float32)."""
+        _expect(0 <= record["ring"] < len(rings),
+                f"{record['name']}: ring {record['ring']} not stored")
+        return {"positions": record["shape"], "ring_template": [rings[record["ring"]].size]}
+
+    def tensors(self, record, indices, rings):
+        """{positions, ring_template} from ``record`` and its level indices int64 [count]."""
+        name, ring = record["name"], rings[record["ring"]]
+        n = ring.size
+        levels = _float32_values(record["levels"], f"{name}: levels")
+        ring_indices = record["ring_indices"]
+        _expect(1 <= levels.size <= 1 << record["bits"], f"{name}: {levels.size} levels do not "
+                f"fit {record['bits']} bits")
+        _expect(len(ring_indices) == levels.size and all(
+            _is_int(i) and 0 <= i < n for i in ring_indices),
+            f"{name}: ring_indices must be {levels.size} ints in [0, {n})")
+        _expect(np.array_equal(ring[ring_indices].view(np.uint32), levels.view(np.uint32)),
+                f"{name}: levels differ from the ring values at ring_indices")
+        table = np.array(ring_indices, dtype=np.float32) / np.float32(n)
+        _expect(hard_indices(torch.from_numpy(table), n).tolist() == ring_indices,
+                f"{name}: ring indices cannot be represented as positions for ring size {n}")
+        indices = indices.numpy()
+        _expect(indices.size == 0 or indices.max() < levels.size,
+                f"{name}: level index out of range")
+        return {"positions": torch.from_numpy(table[indices].reshape(record["shape"])),
+                "ring_template": torch.from_numpy(ring.copy())}
+
+
+class UniformCodec:
+    """Uniform K-bit layers, record kind ``uniform``: each weight as its integer level + 2**(K-1).
+
+    Record field: ``steps`` (one per output channel, float32 as JSON numbers).
+    Fills the layer's latent ``weight`` [shape] (level * step) and ``step`` [out].
+    """
+
+    kind = "uniform"
+    since_version = 2
+    layer_class = UniformLayer
+    description = "uniform layer"
+    fields = (("steps", list),)
+    not_weights = ("step",)
+
+    def codes(self, layer):
+        qn, qp = integer_range(layer.quantizer.bits)
+        indices = (layer.integers() + qn).cpu().numpy().reshape(-1)
+        return list(range(-qn, qp + 1)), indices, layer.quantizer.bits
+
+    def shape(self, layer):
+        return list(layer.weight_shape)
+
+    def header_fields(self, name, layer, rings):
+        return {"steps": layer.step.detach().clamp_min(STEP_MIN).cpu().float().tolist()}
+
+    def covers(self, record, rings):
+        name, bits, shape = record["name"], record["bits"], record["shape"]
+        _expect(MIN_UNIFORM_BITS <= bits <= MAX_UNIFORM_BITS,
+                f"{name}: uniform bits {bits} not in {MIN_UNIFORM_BITS}..{MAX_UNIFORM_BITS}")
+        _expect(len(shape) >= 2, f"{name}: a uniform layer's shape needs >= 2 dimensions")
+        return {"weight": shape, "step": shape[:1]}
+
+    def tensors(self, record, indices, rings):
+        """{weight, step} from ``record`` and its level indices int64 [count]."""
+        name, shape = record["name"], record["shape"]
+        steps = _float32_values(record["steps"], f"{name}: steps")
+        _expect(steps.size == shape[0] and (steps >= STEP_MIN).all(),
+                f"{name}: steps must be {shape[0]} numbers >= {STEP_MIN}")
+        qn, _ = integer_range(record["bits"])
+        step = torch.from_numpy(steps)
+        weight = (indices - qn).to(torch.float32).view(shape) \
+            * step.view(-1, *([1] * (len(shape) - 1)))
+        return {"weight": weight, "step": step}
+
+
+CODECS = {codec.kind: codec for codec in (RingCodec(), UniformCodec())}  # by record kind
+
+
+def codec_of(layer):
+    """The codec of a quantized layer; ValueError for a kind no codec packs."""
+    for codec in CODECS.values():
+        if isinstance(layer, codec.layer_class):
+            return codec
+    raise ValueError(f"no packed format for {type(layer).__name__} layers")
+
+
 def layer_codes(layer):
     """(levels [L], level index of every weight int64 [count], bits) of a quantized layer.
 
@@ -184,29 +305,38 @@ def layer_codes(layer):
     uniform K-bit layers: the integer levels -2**(K-1) .. 2**(K-1)-1 and K bits.
     Weights are read in the order of the latent tensor's ``reshape(-1)``.
     """
-    if isinstance(layer, RingLayer):
-        levels, _, indices = level_indices(layer)
-        return levels.tolist(), indices, max(1, (levels.size - 1).bit_length())
-    qn, qp = integer_range(layer.quantizer.bits)
-    indices = (layer.integers() + qn).cpu().numpy().reshape(-1)
-    return list(range(-qn, qp + 1)), indices, layer.quantizer.bits
+    return codec_of(layer).codes(layer)
 
 
-def _pack_layer(name, layer, ring_id):
+# --- export --------------------------------------------------------------------
+
+class _RingTable:
+    """The rings of a model being exported, each distinct one (bit for bit) stored once."""
+
+    def __init__(self):
+        self.values, self._ids = [], {}
+
+    def add(self, name, ring):
+        """Index of ``ring`` (float tensor [N]) in ``values``, appended when new."""
+        ring = ring.detach().cpu().to(torch.float32)
+        if not torch.isfinite(ring).all():
+            raise ValueError(f"{name}: ring holds non-finite values")
+        ring_id = self._ids.setdefault(ring.numpy().tobytes(), len(self.values))
+        if ring_id == len(self.values):
+            self.values.append(ring.tolist())
+        return ring_id
+
+
+def _pack_layer(name, layer, rings):
     """Header record (offset not set yet) and packed bytes of one quantized layer."""
-    levels, indices, bits = layer_codes(layer)
+    codec = codec_of(layer)
+    levels, indices, bits = codec.codes(layer)
     if bits > MAX_BITS:
-        raise ValueError(f"{name}: {len(levels)} distinct ring values, "
-                         f"at most {1 << MAX_BITS} can be packed")
-    ring = isinstance(layer, RingLayer)
-    record = {"name": name, "kind": "packed" if ring else "uniform", "dtype": "float32",
-              "shape": list(layer.positions.shape if ring else layer.weight_shape),
+        raise ValueError(f"{name}: {len(levels)} levels need {bits} bits, at most {MAX_BITS} "
+                         f"can be packed")
+    record = {"name": name, "kind": codec.kind, "dtype": "float32", "shape": codec.shape(layer),
               "count": int(indices.size), "bits": bits}
-    if ring:
-        record.update(levels=levels, ring_indices=level_table(layer.ring_template)[1].tolist(),
-                      ring=ring_id)
-    else:
-        record["steps"] = layer.step.detach().clamp_min(STEP_MIN).cpu().float().tolist()
+    record.update(codec.header_fields(name, layer, rings))
     return record, pack_bits(indices, bits)
 
 
@@ -238,24 +368,25 @@ def _check_config(model, config):
 
 def _entries(model, half):
     """(rings, [(record, blob)]) for every quantized layer, then every other tensor."""
-    rings, ring_ids, entries, packed_keys = [], {}, [], set()
+    rings, entries, packed_keys = _RingTable(), [], set()
     for name, layer in quantized_layers(model):
-        ring_id = None
-        if isinstance(layer, RingLayer):
-            ring = layer.ring_template.detach().cpu().to(torch.float32)
-            if not torch.isfinite(ring).all():
-                raise ValueError(f"{name}: ring holds non-finite values")
-            ring_id = ring_ids.setdefault(ring.numpy().tobytes(), len(rings))  # bit-exact match
-            if ring_id == len(rings):
-                rings.append(ring.tolist())
-        entries.append(_pack_layer(name, layer, ring_id))
+        entries.append(_pack_layer(name, layer, rings))
         packed_keys.update(_key(name, k) for k in layer.state_dict())
     for key, tensor in model.state_dict().items():
         if key not in packed_keys:
             dtype, blob = _raw_tensor_bytes(key, tensor, half)
             entries.append(({"name": key, "kind": "raw", "dtype": dtype,
                              "shape": list(tensor.shape)}, blob))
-    return rings, entries
+    return rings.values, entries
+
+
+def _write(path, header, payload):
+    """Write a packed file (atomically); returns its prefix + header bytes."""
+    header_blob = zlib.compress(
+        json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8"), 9)
+    prefix = _PREFIX.pack(MAGIC, len(header_blob))
+    write_atomic(path, lambda f: f.writelines((prefix, header_blob, payload)))
+    return len(prefix) + len(header_blob)
 
 
 def export_packed(model, config, path, half=False, extra=None):
@@ -279,13 +410,10 @@ def export_packed(model, config, path, half=False, extra=None):
               "half": bool(half), "rings": rings, "tensors": [r for r, _ in entries],
               "payload_bytes": len(payload),
               "payload_sha256": hashlib.sha256(payload).hexdigest(), "extra": dict(extra or {})}
-    header_blob = zlib.compress(
-        json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8"), 9)
-    prefix = _PREFIX.pack(MAGIC, len(header_blob))
-    write_atomic(path, lambda f: f.writelines((prefix, header_blob, payload)))
-    packed = [r for r, _ in entries if r["kind"] in QUANTIZED_KINDS]
-    return {"file_bytes": len(prefix) + len(header_blob) + len(payload),
-            "header_bytes": len(prefix) + len(header_blob), "payload_bytes": len(payload),
+    header_bytes = _write(path, header, payload)
+    packed = [r for r, _ in entries if r["kind"] in CODECS]
+    return {"file_bytes": header_bytes + len(payload), "header_bytes": header_bytes,
+            "payload_bytes": len(payload),
             "packed_bytes": sum(r["nbytes"] for r in packed),
             "raw_bytes": len(payload) - sum(r["nbytes"] for r in packed),
             "quantized_weights": sum(r["count"] for r in packed),
@@ -350,9 +478,10 @@ def _check_record(record, payload_bytes, version):
         _expect(record["dtype"] in _DTYPES, f"{name}: unknown dtype {record['dtype']!r}")
         size = numel * _DTYPES[record["dtype"]].itemsize
     else:
-        kinds = QUANTIZED_KINDS if version >= 2 else ("packed",)
-        _expect(record["kind"] in kinds, f"{name}: unknown kind {record['kind']!r}")
-        _check_fields(record, _CODE_FIELDS + _KIND_FIELDS[record["kind"]], name)
+        codec = CODECS.get(record["kind"])
+        _expect(codec is not None and codec.since_version <= version,
+                f"{name}: unknown kind {record['kind']!r}")
+        _check_fields(record, _CODE_FIELDS + codec.fields, name)
         _expect(record["dtype"] == "float32", f"{name}: packed levels must be float32")
         _expect(1 <= record["bits"] <= MAX_BITS, f"{name}: bits {record['bits']} not in "
                 f"1..{MAX_BITS}")
@@ -406,85 +535,53 @@ def _raw_tensor(record, payload):
     return torch.from_numpy(values.astype(dtype.newbyteorder("="))).reshape(record["shape"])
 
 
-def _positions(record, payload, ring):
-    """Positions float32 [shape] whose hard indices select each weight's stored level."""
-    name, n = record["name"], ring.size
-    levels = _float32_values(record["levels"], f"{name}: levels")
-    ring_indices = record["ring_indices"]
-    _expect(1 <= levels.size <= 1 << record["bits"], f"{name}: {levels.size} levels do not fit "
-            f"{record['bits']} bits")
-    _expect(len(ring_indices) == levels.size and all(
-        _is_int(i) and 0 <= i < n for i in ring_indices),
-        f"{name}: ring_indices must be {levels.size} ints in [0, {n})")
-    _expect(np.array_equal(ring[ring_indices].view(np.uint32), levels.view(np.uint32)),
-            f"{name}: levels differ from the ring values at ring_indices")
-    table = np.array(ring_indices, dtype=np.float32) / np.float32(n)
-    _expect(hard_indices(torch.from_numpy(table), n).tolist() == ring_indices,
-            f"{name}: ring indices cannot be represented as positions for ring size {n}")
-    start = record["offset"]
-    level_indices = unpack_bits(payload[start:start + record["nbytes"]], record["bits"],
-                                record["count"]).numpy()
-    _expect(level_indices.size == 0 or level_indices.max() < levels.size,
-            f"{name}: level index out of range")
-    return torch.from_numpy(table[level_indices].reshape(record["shape"]))
+def _layout(header, model):
+    """Check the records against ``model`` (its shapes only: built on the meta device).
 
-
-def _uniform_tensors(record, payload):
-    """{weight, step} of a uniform record: latent weight q * step [shape], step [out]."""
-    name, bits, shape = record["name"], record["bits"], record["shape"]
-    _expect(MIN_UNIFORM_BITS <= bits <= MAX_UNIFORM_BITS,
-            f"{name}: uniform bits {bits} not in {MIN_UNIFORM_BITS}..{MAX_UNIFORM_BITS}")
-    _expect(len(shape) >= 2, f"{name}: a uniform layer's shape needs >= 2 dimensions")
-    steps = _float32_values(record["steps"], f"{name}: steps")
-    _expect(steps.size == shape[0] and (steps >= STEP_MIN).all(),
-            f"{name}: steps must be {shape[0]} numbers >= {STEP_MIN}")
-    qn, _ = integer_range(bits)
-    start = record["offset"]
-    levels = unpack_bits(payload[start:start + record["nbytes"]], bits, record["count"]) - qn
-    step = torch.from_numpy(steps)
-    weight = levels.to(torch.float32).view(shape) * step.view(-1, *([1] * (len(shape) - 1)))
-    return {_key(name, "weight"): weight, _key(name, "step"): step}
-
-
-def _state_dict(header, payload, model):
-    """State dict for ``model`` from a format-checked header and payload."""
-    expected = model.state_dict()
+    Returns (plan [(record, codec or None for raw)], rings [float32 arrays]).
+    Every state-dict entry of the model must be filled by exactly one record,
+    with its shape, before anything is decoded or the real model is built.
+    """
+    expected = {k: list(t.shape) for k, t in model.state_dict().items()}
     layers = dict(quantized_layers(model))
     packed_keys = {_key(name, k) for name, layer in layers.items() for k in layer.state_dict()}
     rings = [_float32_values(r, f"ring {i}") for i, r in enumerate(header["rings"])]
-    state = {}
+    plan, shapes = [], {}
     for record in header["tensors"]:
         name = record["name"]
         if record["kind"] == "raw":
             _expect(name in expected and name not in packed_keys,
                     f"unexpected raw tensor {name!r} for this model")
-            tensors = {name: _raw_tensor(record, payload)}
-        elif record["kind"] == "uniform":
-            _expect(isinstance(layers.get(name), UniformLayer),
-                    f"{name!r} is not a uniform layer of this model")
-            tensors = _uniform_tensors(record, payload)
+            codec, covered = None, {name: record["shape"]}
         else:
-            _expect(isinstance(layers.get(name), RingLayer),
-                    f"{name!r} is not a ring layer of this model")
-            _expect(0 <= record["ring"] < len(rings), f"{name}: ring {record['ring']} not stored")
-            ring = rings[record["ring"]]
-            tensors = {_key(name, "positions"): _positions(record, payload, ring),
-                       _key(name, "ring_template"): torch.from_numpy(ring.copy())}
-        _expect(not tensors.keys() & state.keys(), f"{name}: stored twice")
-        state.update(tensors)
-    missing = sorted(expected.keys() - state.keys())
+            codec = CODECS[record["kind"]]
+            _expect(isinstance(layers.get(name), codec.layer_class),
+                    f"{name!r} is not a {codec.description} of this model")
+            covered = {_key(name, k): shape for k, shape in codec.covers(record, rings).items()}
+        _expect(not covered.keys() & shapes.keys(), f"{name}: stored twice")
+        shapes.update(covered)
+        plan.append((record, codec))
+    missing = sorted(expected.keys() - shapes.keys())
     _expect(not missing, f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    for key, tensor in state.items():
-        _expect(tensor.shape == expected[key].shape, f"{key}: stored shape {list(tensor.shape)} "
-                f"does not match the model's {list(expected[key].shape)}")
+    for key, shape in shapes.items():
+        _expect(shape == expected[key], f"{key}: stored shape {shape} does not match the "
+                f"model's {expected[key]}")
+    return plan, rings
+
+
+def _decode(plan, payload, rings):
+    """State dict from a checked :func:`_layout` plan and the payload."""
+    state = {}
+    for record, codec in plan:
+        if codec is None:
+            state[record["name"]] = _raw_tensor(record, payload)
+            continue
+        start = record["offset"]
+        indices = unpack_bits(payload[start:start + record["nbytes"]], record["bits"],
+                              record["count"])
+        state.update({_key(record["name"], k): t
+                      for k, t in codec.tensors(record, indices, rings).items()})
     return state
-
-
-def _build(config):
-    try:
-        return build_model(config)
-    except (KeyError, ValueError, TypeError) as e:
-        raise _FormatError(f"config cannot build a model ({type(e).__name__}: {e})") from None
 
 
 def load_packed(path, map_location="cpu"):
@@ -492,18 +589,36 @@ def load_packed(path, map_location="cpu"):
 
     The model is ``build_model(config)`` with the stored rings and tensors and
     positions ``ring_index / N``, so its hard weights equal the source's bit
-    for bit. Any unreadable, corrupt or mismatched file raises
-    :class:`CheckpointError` ``"<path>: <reason>"``.
+    for bit. The config is untrusted: it is checked, and the shapes it implies
+    are matched against the stored records, before the model is built. Any
+    unreadable, corrupt or mismatched file raises :class:`CheckpointError`
+    ``"<path>: <reason>"``.
     """
     try:
         header, payload = _read_packed(path)
-        model = _build(header["config"])
-        model.load_state_dict(_state_dict(header, payload, model))
+        config = check_model_config(header["config"], f"{path}: config")
+        plan, rings = _layout(header, meta_model(config, f"{path}: config"))
+        state = _decode(plan, payload, rings)
     except _FormatError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    model = build_model(config)
+    model.load_state_dict(state)
     set_weight_mode(model, "hard")
     model.eval()
-    return model.to(map_location), header["config"], header["extra"]
+    return model.to(map_location), config, header["extra"]
+
+
+def rewrite_extra(path, extra):
+    """Replace the ``extra`` of the packed file at ``path`` (atomically); returns the file size.
+
+    Every other header field and the payload stay byte-identical, so the file
+    loads to exactly the same model. extra: a JSON-serialisable dict.
+    """
+    try:
+        header, payload = _read_packed(path)
+    except _FormatError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return _write(path, {**header, "extra": dict(extra)}, payload) + len(payload)
 
 
 def size_report(model, packed_path):
@@ -524,14 +639,13 @@ def size_report(model, packed_path):
         header, _ = _read_packed(packed_path)
     except _FormatError as e:
         raise CheckpointError(f"{packed_path}: {e}") from None
-    packed = [r for r in header["tensors"] if r["kind"] in QUANTIZED_KINDS]
+    packed = [r for r in header["tensors"] if r["kind"] in CODECS]
     layers = quantized_layers(model)
     codes = [layer_codes(layer) for _, layer in layers]
     if [(r["name"], r["count"]) for r in packed] != [(n, c[1].size) for (n, _), c in
                                                       zip(layers, codes)]:
         raise CheckpointError(f"{packed_path}: packed quantized layers do not match the model")
-    skip = {_key(name, k) for name, layer in layers
-            for k in (("ring_template",) if isinstance(layer, RingLayer) else ("step",))}
+    skip = {_key(name, k) for name, layer in layers for k in codec_of(layer).not_weights}
     fp32_bytes = 4 * sum(t.numel() for k, t in model.state_dict().items() if k not in skip)
     file_bytes = os.path.getsize(packed_path)
     weights = sum(r["count"] for r in packed)

@@ -183,3 +183,14 @@ def test_weight_mode_context_restores_modes_even_on_error():
             assert {layer.quantizer.mode for _, layer in ring_layers(model)} == {"hard"}
             raise RuntimeError
     assert {layer.quantizer.mode for _, layer in ring_layers(model)} == {"ste"}
+
+
+def test_layer_lists_have_distinct_names():
+    """models.utils.quantized_layers gives (name, layer) pairs; the hooks' plain list of layers
+    is quant_layers.quantized_modules, no longer a second function of the same name."""
+    from models import quant_layers, utils
+    model = build_model({"model": "mlp", "quantization": "ring", "ring_size": 4})
+    pairs = utils.quantized_layers(model)
+    assert [name for name, _ in pairs] == ["features.1", "features.4"]
+    assert quant_layers.quantized_modules(model) == [layer for _, layer in pairs]
+    assert not hasattr(quant_layers, "quantized_layers")

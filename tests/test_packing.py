@@ -1,8 +1,7 @@
 """Bit packing, the packed file format and export.py."""
 import json
 import pickle
-import struct
-import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +11,16 @@ import torch.nn as nn
 from models import build_model
 from models.ring_math import hard_indices, ring_values, snap_to_ring
 from models.utils import ring_layers, set_weight_mode, uniform_layers
+from packed_helpers import join, split, with_header
+from ringq.checkpoint import load_model_from_checkpoint
 from ringq.errors import CheckpointError
-from ringq.packing import (entropy_bits, export_packed, is_packed_file, level_indices,
-                           level_table, load_packed, pack_bits, size_report, unpack_bits,
-                           value_entropy_bits)
+from ringq.packing import (CODECS, entropy_bits, export_packed, is_packed_file, level_indices,
+                           level_table, load_packed, pack_bits, rewrite_extra, size_report,
+                           unpack_bits, value_entropy_bits)
 from ringq.runtime import run_cli
 from run_helpers import exit_code, save_checkpoint
+
+PRETRAINED = sorted((Path(__file__).resolve().parents[1] / "pretrained").glob("*.rqp"))
 
 RESNET_RING4 = dict(model="resnet20", quantization="ring", ring_size=4, ring_layout="distinct")
 
@@ -307,24 +310,6 @@ def test_loader_never_unpickles(monkeypatch, resnet_ring4):
 
 # --- malformed files -------------------------------------------------------------
 
-def _split(data):
-    """(header dict, payload bytes) of packed file bytes, read independently of the loader."""
-    (length,) = struct.unpack_from("<I", data, 8)
-    return json.loads(zlib.decompress(data[12:12 + length])), data[12 + length:]
-
-
-def _join(header_bytes, payload):
-    blob = zlib.compress(header_bytes)
-    return b"RINGQPK1" + struct.pack("<I", len(blob)) + blob + payload
-
-
-def _with_header(data, edit):
-    """Packed bytes whose header is ``edit(header)``'s result (or the header edited in place)."""
-    header, payload = _split(data)
-    header = edit(header) or header
-    return _join(json.dumps(header).encode(), payload)
-
-
 def _record(header, name):
     return next(r for r in header["tensors"] if r["name"] == name)
 
@@ -347,50 +332,50 @@ CORRUPTIONS = {
     "truncated header": (lambda d: d[:40], "truncated"),
     "truncated payload": (lambda d: d[:len(d) // 2], "truncated"),
     "bad zlib": (lambda d: d[:14] + bytes([d[14] ^ 0xFF]) + d[15:], "corrupt header"),
-    "bad json": (lambda d: _join(b'{"format": "ringq-packed", "vers', _split(d)[1]),
+    "bad json": (lambda d: join(b'{"format": "ringq-packed", "vers', split(d)[1]),
                  "corrupt header"),
-    "header not a dict": (lambda d: _join(b"[1, 2]", _split(d)[1]), "not a JSON object"),
+    "header not a dict": (lambda d: join(b"[1, 2]", split(d)[1]), "not a JSON object"),
     "flipped payload byte": (_flip_payload_byte, "sha256"),
-    "future version": (lambda d: _with_header(d, lambda h: _set(h, version=3)), "version"),
-    "no sha": (lambda d: _with_header(d, lambda h: h.pop("payload_sha256") and None),
+    "future version": (lambda d: with_header(d, lambda h: _set(h, version=3)), "version"),
+    "no sha": (lambda d: with_header(d, lambda h: h.pop("payload_sha256") and None),
                "payload_sha256"),
-    "offset out of range": (lambda d: _with_header(
+    "offset out of range": (lambda d: with_header(
         d, lambda h: _set(_record(h, "bn1.weight"), offset=10 ** 9)), "outside"),
-    "negative offset": (lambda d: _with_header(
+    "negative offset": (lambda d: with_header(
         d, lambda h: _set(_record(h, "bn1.weight"), offset=-4)), "outside"),
-    "nbytes mismatch": (lambda d: _with_header(
+    "nbytes mismatch": (lambda d: with_header(
         d, lambda h: _set(_record(h, "bn1.weight"), nbytes=4)), "expected"),
-    "unknown dtype": (lambda d: _with_header(
+    "unknown dtype": (lambda d: with_header(
         d, lambda h: _set(_record(h, "bn1.weight"), dtype="object")), "unknown dtype"),
-    "unknown kind": (lambda d: _with_header(
+    "unknown kind": (lambda d: with_header(
         d, lambda h: _set(_record(h, "bn1.weight"), kind="pickle")), "unknown kind"),
-    "shape mismatch": (lambda d: _with_header(
+    "shape mismatch": (lambda d: with_header(
         d, lambda h: _set(_record(h, "bn1.weight"), shape=[4, 4])), "does not match"),
-    "config mismatch": (lambda d: _with_header(
+    "config mismatch": (lambda d: with_header(
         d, lambda h: _set(h["config"], model="resnet32")), "missing tensors"),
-    "ring size mismatch": (lambda d: _with_header(
+    "ring size mismatch": (lambda d: with_header(
         d, lambda h: _set(h["config"], ring_size=8)), "does not match"),
-    "bad config": (lambda d: _with_header(
-        d, lambda h: _set(h["config"], model="vgg")), "config cannot build"),
-    "missing tensor": (lambda d: _with_header(
+    "bad config": (lambda d: with_header(
+        d, lambda h: _set(h["config"], model="vgg")), "config: model: invalid value 'vgg'"),
+    "missing tensor": (lambda d: with_header(
         d, lambda h: _set(h, tensors=h["tensors"][:-1])), "missing tensors"),
-    "duplicate tensor": (lambda d: _with_header(
+    "duplicate tensor": (lambda d: with_header(
         d, lambda h: _set(h, tensors=h["tensors"] + h["tensors"][-1:])), "stored twice"),
-    "raw positions": (lambda d: _with_header(
+    "raw positions": (lambda d: with_header(
         d, lambda h: _set(_record(h, "bn1.weight"), name="conv1.positions")),
         "unexpected raw tensor"),
-    "not a ring layer": (lambda d: _with_header(
+    "not a ring layer": (lambda d: with_header(
         d, lambda h: _set(_record(h, "conv1"), name="bn1")), "not a ring layer"),
-    "level index out of range": (lambda d: _with_header(
+    "level index out of range": (lambda d: with_header(
         d, lambda h: _set(_record(h, "conv1"), levels=[-0.75], ring_indices=[0])),
         "level index out of range"),
-    "level not on ring": (lambda d: _with_header(
+    "level not on ring": (lambda d: with_header(
         d, lambda h: _set(_record(h, "conv1"), ring_indices=[1, 0, 2, 3])), "levels differ"),
-    "level not float32": (lambda d: _with_header(
+    "level not float32": (lambda d: with_header(
         d, lambda h: _record(h, "conv1")["levels"].__setitem__(0, 0.1)), "float32"),
-    "too many bits": (lambda d: _with_header(
+    "too many bits": (lambda d: with_header(
         d, lambda h: _set(_record(h, "conv1"), bits=9)), "bits"),
-    "missing ring": (lambda d: _with_header(
+    "missing ring": (lambda d: with_header(
         d, lambda h: _set(_record(h, "conv1"), ring=5)), "not stored"),
 }
 
@@ -414,7 +399,7 @@ def test_missing_file_is_refused(tmp_path):
 def test_unedited_rewrite_still_loads(tmp_path, resnet_ring4):
     """The corruption helpers themselves produce loadable files when they change nothing."""
     path = tmp_path / "same.rqp"
-    path.write_bytes(_with_header(resnet_ring4[1].read_bytes(), lambda h: None))
+    path.write_bytes(with_header(resnet_ring4[1].read_bytes(), lambda h: None))
     load_packed(path)
 
 
@@ -427,9 +412,14 @@ def export_cli(monkeypatch):
     return export
 
 
+BEST = {"accuracy": 90.1, "split": "val", "epoch": 5, "mode": "hard"}
+META = {"source": "ringq", "dataset": "cifar10", "epoch": 7, "source_file": None,
+        "recorded_best": {**BEST, "of": "this run"}}
+
+
 def _use_model(monkeypatch, export, model, config):
     def load(path, map_location="cpu"):
-        return model, config, {"best_accuracy": 90.1, "epoch": 7, "history": [1, 2]}
+        return model, config, META
     monkeypatch.setattr(export, "load_model_from_checkpoint", load)
 
 
@@ -442,7 +432,7 @@ def test_cli_exports_and_reports(monkeypatch, tmp_path, capsys, export_cli, resn
     model = resnet_ring4[0]
     _use_model(monkeypatch, export_cli, model, RESNET_RING4)
     out, report = tmp_path / "m.rqp", tmp_path / "m.json"
-    assert _export(export_cli, "--checkpoint", "src.pt", "--output", str(out),
+    assert _export(export_cli, "--checkpoint", "/runs/seed1/src.pt", "--output", str(out),
                    "--json", str(report)) == 0
     printed = capsys.readouterr().out
     numbers = json.loads(report.read_text())
@@ -453,8 +443,11 @@ def test_cli_exports_and_reports(monkeypatch, tmp_path, capsys, export_cli, resn
     assert numbers["file_bytes"] == out.stat().st_size
     assert numbers["quantized_layers_ratio"] == 16
     loaded, _, extra = load_packed(out)
-    assert extra == {"best_accuracy": 90.1, "epoch": 7, "source_checkpoint": "src.pt"}
+    assert extra == {"dataset": "cifar10", "source": {"file": "src.pt", "epoch": 7, "best": BEST}}
     assert torch.equal(_logits(loaded, RESNET_RING4), _logits(model, RESNET_RING4))
+    _, _, meta = load_model_from_checkpoint(out)
+    assert meta == {"source": "packed", "dataset": "cifar10", "epoch": 7, "source_file": "src.pt",
+                    "recorded_best": {**BEST, "of": "source checkpoint"}}
 
 
 def test_cli_half_and_quiet(monkeypatch, tmp_path, capsys, export_cli, resnet_ring4):
@@ -588,7 +581,7 @@ UNIFORM_CORRUPTIONS = {
 def test_malformed_uniform_files_are_refused(tmp_path, uniform_file, corruption):
     edit, reason = UNIFORM_CORRUPTIONS[corruption]
     path = tmp_path / "bad.rqp"
-    path.write_bytes(_with_header(uniform_file.read_bytes(), edit))
+    path.write_bytes(with_header(uniform_file.read_bytes(), edit))
     with pytest.raises(CheckpointError, match=reason):
         load_packed(path)
 
@@ -596,13 +589,16 @@ def test_malformed_uniform_files_are_refused(tmp_path, uniform_file, corruption)
 # --- export.py --model-only --------------------------------------------------------
 
 def test_model_only_keeps_what_evaluates_and_drops_training_state(tmp_path, capsys):
-    """The shipped FP32 file: same weights and record, no optimizer; resuming it is refused."""
-    from ringq.checkpoint import load_model_from_checkpoint, safe_load
+    """The shipped FP32 file: same weights and record, no optimizer or paths; resuming it is
+    refused, and its recorded best reads as the source run's."""
+    from ringq.checkpoint import safe_load
     from ringq.train import _load_resume
     import export
     config = dict(model="resnet20", quantization="none")
-    source = save_checkpoint(tmp_path / "best.pt", config, {"dataset": "cifar10"},
-                             best={"epoch": 3, "accuracy": 71.5})
+    run = {"dataset": "cifar10", "data_dir": "/root/data", "output_dir": "/root/runs/x",
+           "init_from": None}
+    source = save_checkpoint(tmp_path / "best.pt", config, run, epoch=3,
+                             best={"epoch": 3, "accuracy": 71.5, "mode": "fp32", "split": "val"})
     out = tmp_path / "resnet20_fp32.pt"
     assert _export(export, "--checkpoint", str(source), "--output", str(out)[:-3] + ".x",
                    "--model-only", "--bits", "8") == 2
@@ -612,12 +608,17 @@ def test_model_only_keeps_what_evaluates_and_drops_training_state(tmp_path, caps
     assert f"{out.stat().st_size:,} bytes (model only" in capsys.readouterr().out
     stripped, full = safe_load(out), safe_load(source)
     assert set(stripped) == {"format", "version", "config", "model_config", "model", "epoch",
-                             "best"}
+                             "best", "source"}
+    assert stripped["config"] == {"dataset": "cifar10", "init_from": None}
+    assert stripped["source"] == {"file": "best.pt"}
     assert all(torch.equal(stripped["model"][k], v) for k, v in full["model"].items())
     weight_bytes = sum(v.numel() * v.element_size() for v in full["model"].values())
     assert weight_bytes < out.stat().st_size < weight_bytes * 1.05  # about 1.1 MB
     model, loaded_config, meta = load_model_from_checkpoint(out)
-    assert loaded_config == config and meta["best_accuracy"] == 71.5
+    assert loaded_config == config and meta["source_file"] == "best.pt"
+    assert meta["recorded_best"] == {"accuracy": 71.5, "split": "val", "epoch": 3,
+                                     "mode": "fp32", "of": "source checkpoint"}
+    assert load_model_from_checkpoint(source)[2]["recorded_best"]["of"] == "this run"
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         _load_resume(out, "cifar10")
 
@@ -630,3 +631,116 @@ def test_model_only_refuses_files_that_are_not_training_checkpoints(tmp_path, ca
                    "--model-only") == 2
     assert "not a training checkpoint of this project" in capsys.readouterr().err
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_model_only_refuses_a_packed_file_in_one_line(tmp_path, capsys, resnet_ring4):
+    import export
+    out = tmp_path / "o.pt"
+    assert _export(export, "--checkpoint", str(resnet_ring4[1]), "--output", str(out),
+                   "--model-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "IndexError" not in err
+    assert "a packed file" in err and "--model-only takes the last.pt or best.pt" in err
+    assert not out.exists()
+
+
+def test_ptq_export_records_the_fp32_figure_as_the_source_s(tmp_path):
+    """--bits K: the packed file's recorded best is the FP32 run's, labelled so."""
+    import export
+    config = dict(model="mlp", quantization="none")
+    source = save_checkpoint(tmp_path / "best.pt", config, {"dataset": "fashion-mnist"},
+                             epoch=26, best={"epoch": 26, "accuracy": 85.44, "mode": "fp32",
+                                             "split": "val"})
+    out = tmp_path / "mlp_int4.rqp"
+    assert _export(export, "--checkpoint", str(source), "--output", str(out), "--bits", "4",
+                   "--quiet") == 0
+    _, _, extra = load_packed(out)
+    assert extra == {"dataset": "fashion-mnist", "ptq_bits": 4, "ptq_scale": "mse",
+                     "source": {"file": "best.pt", "epoch": 26,
+                                "best": {"accuracy": 85.44, "split": "val", "epoch": 26,
+                                         "mode": "fp32"}}}
+    _, _, meta = load_model_from_checkpoint(out)
+    assert meta["recorded_best"]["of"] == "source checkpoint"
+    assert meta["ptq"] == {"bits": 4, "scale": "mse"}
+
+
+# --- format stability, codecs and metadata rewrites ----------------------------------
+
+@pytest.mark.parametrize("path", PRETRAINED, ids=lambda p: p.name)
+def test_pretrained_files_re_export_to_the_same_bytes(tmp_path, path):
+    """Existing files load unchanged; packing them again gives the same payload (and, for
+    files of the current version, the same file)."""
+    model, config, extra = load_packed(path)
+    again = tmp_path / path.name
+    export_packed(model, config, again, half=split(path.read_bytes())[0]["half"], extra=extra)
+    (header, payload), (new_header, new_payload) = (split(p.read_bytes()) for p in (path, again))
+    assert new_payload == payload
+    if header["version"] == new_header["version"]:
+        assert again.read_bytes() == path.read_bytes()
+    else:  # version 1 (ring records only): the same records, now under version 2
+        assert {**header, "version": 2} == new_header
+
+
+def test_one_codec_per_quantized_layer_kind():
+    assert set(CODECS) == {"packed", "uniform"}
+    for codec in CODECS.values():
+        for method in ("codes", "shape", "header_fields", "covers", "tensors"):
+            assert callable(getattr(codec, method))
+        assert codec.kind and codec.fields and codec.not_weights
+
+
+def test_a_codec_removed_from_the_table_is_an_unknown_kind(monkeypatch, uniform_file):
+    """The table alone decides which record kinds load: no branch elsewhere knows them."""
+    import ringq.packing as packing
+    monkeypatch.setattr(packing, "CODECS", {"packed": CODECS["packed"]})
+    with pytest.raises(CheckpointError, match="unknown kind 'uniform'"):
+        load_packed(uniform_file)
+
+
+def test_rewrite_extra_keeps_payload_and_predictions(tmp_path, resnet_ring4, uniform_file):
+    for source, config in ((resnet_ring4[1], RESNET_RING4),
+                           (uniform_file, dict(model="mlp", quantization="uniform", bits=3))):
+        path = tmp_path / source.name
+        path.write_bytes(source.read_bytes())
+        before, _, _ = load_packed(path)
+        size = rewrite_extra(path, {"dataset": "cifar10", "source": {"file": "best.pt"}})
+        assert size == path.stat().st_size
+        after, loaded_config, extra = load_packed(path)
+        assert loaded_config == config and extra == {"dataset": "cifar10",
+                                                     "source": {"file": "best.pt"}}
+        assert split(path.read_bytes())[1] == split(source.read_bytes())[1]
+        old, new = split(source.read_bytes())[0], split(path.read_bytes())[0]
+        assert {**old, "extra": None} == {**new, "extra": None}
+        assert torch.equal(_logits(after, config), _logits(before, config))
+
+
+def test_rewrite_extra_refuses_a_broken_file(tmp_path):
+    path = tmp_path / "x.rqp"
+    path.write_bytes(b"RINGQPK1 not really")
+    with pytest.raises(CheckpointError, match="truncated"):
+        rewrite_extra(path, {})
+    assert path.read_bytes() == b"RINGQPK1 not really"
+
+
+def test_old_extra_schema_still_loads(tmp_path, resnet_ring4):
+    """Files written before the labelled schema: best_accuracy is the source's, split unknown;
+    the recorded paths are not passed on."""
+    path = tmp_path / "old.rqp"
+    export_packed(resnet_ring4[0], RESNET_RING4, path, extra={
+        "source": "ringq", "epoch": 57, "dataset": "cifar10", "data_dir": "/tmp/cifar10",
+        "best_accuracy": 85.9, "source_checkpoint": "/root/runs/seed1/best.pt"})
+    _, _, meta = load_model_from_checkpoint(path)
+    assert meta == {"source": "packed", "dataset": "cifar10", "epoch": 57, "source_file": "best.pt",
+                    "recorded_best": {"accuracy": 85.9, "split": None, "epoch": None,
+                                      "mode": None, "of": "source checkpoint"}}
+
+
+@pytest.mark.parametrize("best", [None, "high", {"accuracy": "85"}, {"accuracy": float("nan")},
+                                  {"accuracy": -1.0}])
+def test_malformed_recorded_best_reads_as_none(tmp_path, resnet_ring4, best):
+    path = tmp_path / "x.rqp"
+    extra = {"source": {"file": 3, "epoch": "7", "best": best}, "dataset": "svhn"}
+    path.write_bytes(with_header(resnet_ring4[1].read_bytes(), lambda h: _set(h, extra=extra)))
+    _, _, meta = load_model_from_checkpoint(path)
+    assert meta["recorded_best"] is None and meta["epoch"] is None
+    assert meta["source_file"] is None and meta["dataset"] is None
