@@ -6,53 +6,35 @@
 FILE may be a training checkpoint of this project, a packed k-bit file from
 export.py, or one of the original authors' files (the config is inferred).
 ``--ptq-bits K`` quantizes an FP32 checkpoint after training (K-bit uniform
-levels per output channel) and evaluates that network.
-A training checkpoint also records its dataset and data directory, so
-``--checkpoint runs/NAME/best.pt`` alone evaluates it.
+levels per output channel) and evaluates that network. The dataset is the one
+the file records; the data directory is ``--data-dir`` (default ./data). The
+best accuracy a file records is printed with its split, epoch and whose it is
+(this run's, or the source checkpoint's for a derived file).
 """
 import json
 from pathlib import Path
 
 from models import CIFAR_MODELS
-from models.convert import post_training_quantize
-from models.uniform_layers import MAX_BITS, MIN_BITS, PTQ_SCALES
 from ringq import data as data_lib
 from ringq.atomic import write_text_atomic
-from ringq.checkpoint import load_model_from_checkpoint
-from ringq.errors import RingqError
+from ringq.checkpoint import as_source, load_model_from_checkpoint
+from ringq.data import check_data_dir
 from ringq.engine import evaluate, evaluate_all_modes, recalibrate_batchnorm
+from ringq.errors import RingqError
+from ringq.ptq import add_ptq_options, quantize_after_training
+from ringq.report import describe_recorded, report_dict
 from ringq.runtime import ArgumentParser, int_in, resolve_device, run_cli
-from ringq.train import check_data_dir, report_dict
-
-
-def add_ptq_options(parser, flag):
-    """``flag`` K (post-training quantization of an FP32 checkpoint) and --ptq-scale."""
-    parser.add_argument(flag, type=int_in(MIN_BITS, MAX_BITS), metavar="K",
-                        help="quantize the FP32 checkpoint after training: every layer that ring "
-                             "models quantize rounded per output channel to 2**K integer levels "
-                             f"times a step ({MIN_BITS}..{MAX_BITS})")
-    parser.add_argument("--ptq-scale", choices=PTQ_SCALES, default="mse",
-                        help="step of the post-training quantization: max (max|w| / (2**(K-1)-1)) "
-                             "or mse (least squared rounding error, searched per channel) "
-                             "(default: mse)")
-
-
-def quantize_after_training(model, mcfg, bits, scale, checkpoint):
-    """(K-bit uniform model, its config) of an FP32 checkpoint's model; RingqError otherwise."""
-    if mcfg.get("quantization") != "none":
-        raise RingqError(f"post-training quantization needs an FP32 checkpoint; {checkpoint} "
-                         f"holds a {mcfg.get('quantization')} model")
-    return post_training_quantize(model, mcfg, bits, scale)
 
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint to evaluate")
-    parser.add_argument("--data-dir", help="official dataset files or an ImageFolder tree with "
-                        "test/ (and train/ for --bn-recalibrate) (default: recorded in the "
-                        "checkpoint, else ./data)")
+    parser.add_argument("--data-dir", default="./data",
+                        help="official dataset files or an ImageFolder tree with test/ (and "
+                             "train/ for --bn-recalibrate) (default: ./data)")
     parser.add_argument("--dataset", choices=data_lib.DATASETS,
-                        help="dataset (default: recorded in the checkpoint, else cifar10)")
+                        help="dataset (default: recorded in the checkpoint, else cifar10 for a "
+                             "ResNet, fashion-mnist otherwise)")
     parser.add_argument("--batch-size", type=int_in(1), default=500,
                         help="evaluation batch size")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -89,8 +71,9 @@ def format_report(report, meta, checkpoint):
         r = report["bn_recalibration"]
         lines.append(f"hard + BN recal accuracy {r['accuracy']:6.2f}%  loss {r['loss']:.4f}  "
                      f"(statistics from {r['images']} training images)")
-    if meta.get("best_accuracy") is not None:
-        lines.append(f"recorded        best accuracy {meta['best_accuracy']} (as saved in the file)")
+    recorded = describe_recorded(meta)
+    if recorded:
+        lines.append(f"recorded        {recorded}")
     return "\n".join(lines)
 
 
@@ -128,12 +111,14 @@ def main(argv=None):
     if args.ptq_bits:
         model, mcfg = quantize_after_training(model, mcfg, args.ptq_bits, args.ptq_scale,
                                               args.checkpoint)
+        meta = as_source(meta, args.checkpoint)
+    if args.bn_recalibrate and mcfg["quantization"] == "none":
+        raise RingqError("--bn-recalibrate needs a quantized model (a ring or uniform "
+                         "checkpoint, or --ptq-bits K)")
     dataset = args.dataset or meta.get("dataset") or (
         "cifar10" if mcfg["model"] in CIFAR_MODELS else "fashion-mnist")
-    recorded_dir = meta.get("data_dir") if dataset == meta.get("dataset") else None
-    data_dir = args.data_dir or recorded_dir or "./data"
     mean, std = data_lib.NORMALIZATION[dataset]
-    check_data_dir(data_dir)
+    data_dir = check_data_dir(args.data_dir, dataset, args.download)
     test = data_lib.load_split(dataset, data_dir, "test", download=args.download)
     check_fits(mcfg, test, dataset, args.checkpoint)
 
@@ -148,14 +133,12 @@ def main(argv=None):
     else:
         results = evaluate_all_modes(model, test_loader, device, progress=progress)
     report = report_dict(model, mcfg, results, checkpoint=str(args.checkpoint),
-                         source=meta.get("source"), recorded_accuracy=meta.get("best_accuracy"),
+                         source=meta.get("source"), recorded_best=meta.get("recorded_best"),
                          dataset=dataset)
-    if args.ptq_bits:
-        report["ptq"] = {"bits": args.ptq_bits, "scale": args.ptq_scale}
+    ptq = {"bits": args.ptq_bits, "scale": args.ptq_scale} if args.ptq_bits else meta.get("ptq")
+    if ptq:
+        report["ptq"] = ptq
     if args.bn_recalibrate:
-        if "hard" not in results:
-            raise RingqError("--bn-recalibrate needs a quantized model (a ring or uniform "
-                             "checkpoint, or --ptq-bits K)")
         train = data_lib.load_split(dataset, data_dir, "train", download=args.download)
         idx = data_lib.balanced_indices(train.labels, min(args.bn_recalibrate, len(train)), 0)
         used = recalibrate_batchnorm(model, loader(train.subset(idx)), args.bn_recalibrate)

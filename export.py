@@ -17,12 +17,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from evaluate import add_ptq_options, quantize_after_training
 from models.utils import is_quantized_model
 from ringq.atomic import save_atomic, write_text_atomic
-from ringq.checkpoint import load_model_from_checkpoint, model_only
+from ringq.checkpoint import load_model_from_checkpoint, model_only, source_extra
 from ringq.errors import CheckpointError, RingqError
 from ringq.packing import export_packed, size_report
+from ringq.ptq import add_ptq_options, quantize_after_training
 from ringq.runtime import ArgumentParser, run_cli
 
 
@@ -35,23 +35,22 @@ def get_args_parser():
                         help="store non-quantized tensors (BatchNorm, classifier) as float16")
     add_ptq_options(parser, "--bits")
     parser.add_argument("--model-only", action="store_true",
-                        help="write the checkpoint's model, config and recorded accuracy only "
-                             "(no optimizer, scheduler, history, RNG) instead of packing it")
+                        help="write a training checkpoint's (last.pt, best.pt) model, config "
+                             "(without paths) and recorded accuracy only (no optimizer, "
+                             "scheduler, history, RNG) instead of packing it")
     parser.add_argument("--json", help="also write the size report to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     return parser
 
 
-def _json_scalars(meta):
-    """The entries of ``meta`` that JSON stores as they are (str, int, float, bool, None)."""
-    return {k: v for k, v in (meta or {}).items()
-            if isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))}
-
-
 def pack_checkpoint(args):
-    """Pack ``args.checkpoint`` into ``args.output``; returns the size report (dict)."""
+    """Pack ``args.checkpoint`` into ``args.output``; returns the size report (dict).
+
+    The header's ``extra`` records the dataset and the source (file name, epoch,
+    recorded best), plus ptq_bits / ptq_scale with --bits: no path.
+    """
     model, config, meta = load_model_from_checkpoint(args.checkpoint)
-    extra = {**_json_scalars(meta), "source_checkpoint": str(args.checkpoint)}
+    extra = source_extra(meta, args.checkpoint)
     if args.bits:
         model, config = quantize_after_training(model, config, args.bits, args.ptq_scale,
                                                 args.checkpoint)
@@ -69,8 +68,9 @@ def strip_checkpoint(args):
     if args.bits or args.half:
         raise RingqError("--model-only writes the weights as trained; it takes neither "
                          "--bits nor --half")
+    stripped = model_only(args.checkpoint)
     load_model_from_checkpoint(args.checkpoint)  # the weights must rebuild their model
-    save_atomic(model_only(args.checkpoint), args.output)
+    save_atomic(stripped, args.output)
     return {"checkpoint": str(args.checkpoint), "output": str(args.output),
             "source_bytes": Path(args.checkpoint).stat().st_size,
             "file_bytes": Path(args.output).stat().st_size}

@@ -20,20 +20,24 @@ The data comes from the CIFAR-10 JPEG archive (extracted into ``--out``) or an e
 ImageFolder / python-batches directory. Everything lands in ``--out``: run folders, logs
 and ``gpu_check.json`` (the figures); the exit status is 0 when every step passed.
 ``--dry-run`` runs every step on the CPU, training on a 512-image subset (128 for
-validation), as a check of the script itself.
+validation), as a check of the script itself. The inputs (the archive or ``--data-dir``,
+and ``--out``) are checked before any step runs: a missing one is one ``error:`` line,
+exit status 2.
 """
-import argparse
 import csv
 import json
-import os
 import platform
-import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ringq.errors import RingqError  # noqa: E402
+from ringq.runtime import ArgumentParser, run_cli, run_logged  # noqa: E402
+
 DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
 CONFIGS = {"fp32": "experiments/cifar10/resnet20_fp32.yaml",
            "ring4_kbit": "experiments/cifar10/resnet20_ring4_kbit.yaml"}
@@ -41,7 +45,7 @@ EPOCHS = 2
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE,
                         help="CIFAR-10 JPEG archive (default: %(default)s)")
@@ -55,15 +59,58 @@ def get_args_parser():
     return parser
 
 
-def run(cmd, log):
-    """Run ``cmd`` (list) from the repository root, output appended to ``log``; (status, s)."""
-    start = time.perf_counter()
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(map(str, cmd)) + "\n")
-        f.flush()
-        code = subprocess.call([str(c) for c in cmd], cwd=ROOT, stdout=f,
-                               stderr=subprocess.STDOUT)
-    return code, time.perf_counter() - start
+def check_inputs(args):
+    """RingqError (one line) unless the data source exists and ``--out`` can be a directory;
+    checked before any step runs."""
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise RingqError(f"--data-dir {args.data_dir} is not a directory")
+    if args.data_dir is None and not args.archive.is_file():
+        raise RingqError(f"--archive {args.archive}: no such file (pass the CIFAR-10 JPEG "
+                         f"archive, or --data-dir DIR for an extracted copy)")
+    blocker = next((p for p in (args.out, *args.out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise RingqError(f"--out {args.out}: {blocker} is not a directory")
+
+
+def _unsafe(member, target):
+    """Why extracting ``member`` into ``target`` (resolved) is refused; None when it is safe."""
+    if member.name.startswith(("/", "\\")) or ".." in Path(member.name).parts:
+        return "an absolute path or '..'"
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        return "a device, FIFO or other special file"
+    destination = (target / member.name).resolve()
+    if not destination.is_relative_to(target):
+        return "a path outside the target directory"
+    if member.issym() or member.islnk():
+        link = Path(member.linkname)
+        base = destination.parent if member.issym() else target
+        if link.is_absolute() or not (base / link).resolve().is_relative_to(target):
+            return f"a link to {member.linkname}, outside the target directory"
+    return None
+
+
+def extract(archive, target):
+    """Extract the tar ``archive`` into ``target``, refusing members that would land outside it.
+
+    Uses tarfile's ``data`` filter where this Python has it (3.10.12+, 3.11.4+),
+    else checks each member itself: no absolute path, no ``..``, no link out of
+    ``target``, no special file. RingqError for an unsafe member or a corrupt archive.
+    """
+    target = Path(target).resolve()
+    try:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(target, filter="data")
+                return
+            members = tar.getmembers()
+            for member in members:
+                problem = _unsafe(member, target)
+                if problem:
+                    raise RingqError(f"{archive}: member {member.name!r} is {problem}; "
+                                     f"nothing was extracted")
+            tar.extractall(target, members=members)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise RingqError(f"{archive}: cannot extract ({type(e).__name__}: {e})") from None
 
 
 def prepare_data(args):
@@ -73,8 +120,7 @@ def prepare_data(args):
     target = args.out / "cifar10"
     if not (target / "train").is_dir():
         target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(args.archive) as tar:
-            tar.extractall(target, filter="data")
+        extract(args.archive, target)
     return target
 
 
@@ -106,7 +152,8 @@ def check_run(name, compile_, data_dir, device, args, log):
     """Train, then evaluate on ``device`` and on the CPU; the run's entry of the report."""
     tag = f"{name}{'_compiled' if compile_ else ''}"
     run_dir = args.out / "runs" / tag
-    code, wall = run(train_command(name, data_dir, run_dir, device, compile_, args.dry_run), log)
+    code, wall = run_logged(train_command(name, data_dir, run_dir, device, compile_,
+                                         args.dry_run), log, ROOT)
     entry = {"train_status": code, "train_wall_s": round(wall, 1)}
     if code:
         return entry
@@ -115,7 +162,8 @@ def check_run(name, compile_, data_dir, device, args, log):
     accuracy = {}
     for where, target in (("device", device), ("cpu", "cpu")):
         report = args.out / f"{tag}_eval_{where}.json"
-        code, _ = run(evaluate_command(run_dir / "last.pt", data_dir, target, report), log)
+        code, _ = run_logged(evaluate_command(run_dir / "last.pt", data_dir, target, report),
+                             log, ROOT)
         entry[f"eval_status_{where}"] = code
         if code == 0:
             accuracy[where] = json.loads(report.read_text())["accuracy"]
@@ -144,15 +192,14 @@ def main(argv=None):
     if not args.dry_run:
         import torch
         if not torch.cuda.is_available():
-            print("error: no CUDA GPU here; run with --dry-run to check the script on the CPU",
-                  file=sys.stderr)
-            return 2
+            raise RingqError("no CUDA GPU here; run with --dry-run to check the script on the CPU")
+    check_inputs(args)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "gpu_check.log"
     started = time.perf_counter()
     report = {"dry_run": args.dry_run, "environment": environment(device)}
-    code, wall = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                      "tests/test_cuda.py"], log)
+    code, wall = run_logged([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_cuda.py"], log, ROOT)
     report["cuda_tests"] = {"status": code, "wall_s": round(wall, 1)}
     data_dir = prepare_data(args)
     report["runs"] = {}
@@ -171,4 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

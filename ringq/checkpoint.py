@@ -5,8 +5,16 @@ needs arbitrary pickled code is refused, never executed. Our checkpoints are
 dicts ``{"format": "ringq", "config": {...}, "model": state_dict, ...}`` and
 carry the full config, so ``evaluate.py --checkpoint FILE`` rebuilds the model
 from the file alone. The original checkpoints (``{"model_state_dict": ...}``)
-carry no config: it is inferred from the state dict.
+carry no config: it is inferred from the state dict. Every config read from a
+file is checked before a model is built (:mod:`ringq.trust`).
+
+The best accuracy a file records is reported labelled (``recorded_best``): its
+split, epoch, weight mode, and whose figure it is, ``this run`` for a training
+checkpoint, ``source checkpoint`` for a file derived from one (packed, quantized
+after training, model-only). Derived files record their source by file name
+only, never by path.
 """
+import math
 import pickle
 import re
 import warnings
@@ -17,14 +25,23 @@ import torch
 
 from models import DEPTHS, build_model
 from models.ring_math import RING_LAYOUTS, RING_TYPES, ring_values
+from models.uniform_layers import PTQ_SCALES
 
+from .atomic import save_atomic
+from .config import DATASETS
 from .errors import CheckpointError
 from .packing import is_packed_file, load_packed
+from .trust import check_model_config, check_shapes, meta_model
 
 FORMAT = "ringq"
 MODEL_ONLY_KEYS = ("format", "version", "config", "model_config", "model", "epoch", "best",
                    "sigma")  # what evaluating or warm-starting from a training checkpoint reads
 PICKLE_PROTO = 0x80  # first byte of a pickle stream (protocol 2+)
+PATH_KEYS = ("data_dir", "init_from", "distill_from")  # run-config entries that may hold a path
+OF_THIS_RUN, OF_SOURCE = "this run", "source checkpoint"  # whose recorded best a file holds
+BEST_KEYS = ("accuracy", "split", "epoch", "mode")
+SPLITS = ("val", "test")
+MODES = ("soft", "hard", "fp32")
 
 
 def _check_archive(path):
@@ -122,59 +139,198 @@ def load_state(model, state_dict, source):
                               f"({detail[:200]})") from None
 
 
-def load_model_from_checkpoint(path, map_location="cpu"):
-    """Rebuild a model from any checkpoint we can read: (model, config, meta).
+def _finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
-    Accepts our training checkpoints, packed k-bit files (export.py), the
-    original authors' files and bare state dicts. ``meta`` holds ``source``
-    and, when recorded, ``best_accuracy`` and ``epoch``.
+
+def _epoch(value):
+    """``value`` when it is an epoch number (int >= 0), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+def recorded_best(best, of):
+    """A recorded best figure, labelled: {accuracy, split, epoch, mode, of}, or None.
+
+    best: a checkpoint's ``best`` ({epoch, accuracy, mode, split}; older files may
+    lack keys) or a packed file's ``source.best``; it is untrusted, so a field of
+    the wrong kind reads as not recorded (None), and no figure at all (or the -1
+    a run holds before its first epoch) gives None. of: whose figure it is,
+    :data:`OF_THIS_RUN` or :data:`OF_SOURCE`. split: ``val`` or ``test``; mode:
+    the weights it was measured with (soft, hard, fp32).
     """
-    if Path(path).is_file() and is_packed_file(path):
-        model, config, extra = load_packed(path, map_location=map_location)
-        return model, config, {**(extra or {}), "source": "packed"}
-    ckpt = safe_load(path, map_location)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    meta = {}
+    if not isinstance(best, dict) or not _finite_number(best.get("accuracy")) \
+            or best["accuracy"] < 0:
+        return None
+    return {"accuracy": best["accuracy"],
+            "split": best.get("split") if best.get("split") in SPLITS else None,
+            "epoch": _epoch(best.get("epoch")),
+            "mode": best.get("mode") if best.get("mode") in MODES else None, "of": of}
+
+
+def _dataset(value):
+    return value if value in DATASETS else None
+
+
+def _file_name(value):
+    return Path(value).name if isinstance(value, str) and value else None
+
+
+def packed_meta(extra):
+    """``meta`` of a packed file from its header ``extra`` (see :func:`source_extra`).
+
+    Files written before the labelled schema hold ``best_accuracy`` (the source's
+    best, split unknown), ``epoch`` and ``source_checkpoint`` (a path) instead of
+    ``source``; both load.
+    """
+    source = extra.get("source")
+    if isinstance(source, dict):
+        best, epoch, file = source.get("best"), source.get("epoch"), source.get("file")
+    else:
+        best, epoch = {"accuracy": extra.get("best_accuracy")}, extra.get("epoch")
+        file = extra.get("source_checkpoint")
+    meta = {"source": "packed", "dataset": _dataset(extra.get("dataset")), "epoch": _epoch(epoch),
+            "source_file": _file_name(file), "recorded_best": recorded_best(best, OF_SOURCE)}
+    if _epoch(extra.get("ptq_bits")) and extra.get("ptq_scale") in PTQ_SCALES:
+        meta["ptq"] = {"bits": extra["ptq_bits"], "scale": extra["ptq_scale"]}
+    return meta
+
+
+def source_extra(meta, path):
+    """The packed-file ``extra`` of a model derived from the checkpoint at ``path`` (its ``meta``).
+
+    {"dataset": ..., "source": {"file": the source's file name (no directory),
+    "epoch": the epoch its weights are from, "best": its recorded best
+    {accuracy, split, epoch, mode} or None}}: no path of this machine.
+    """
+    best = meta.get("recorded_best")
+    return {"dataset": meta.get("dataset"),
+            "source": {"file": Path(path).name, "epoch": meta.get("epoch"),
+                       "best": None if best is None else {k: best[k] for k in BEST_KEYS}}}
+
+
+def as_source(meta, path):
+    """``meta`` of a model derived from the checkpoint at ``path`` (e.g. quantized after
+    training): its recorded best becomes the source checkpoint's."""
+    best = meta.get("recorded_best")
+    return {**meta, "source_file": Path(path).name,
+            "recorded_best": None if best is None else {**best, "of": OF_SOURCE}}
+
+
+def _training_meta(ckpt):
+    """``meta`` of a checkpoint written by the training scripts (or by :func:`model_only`)."""
+    recorded = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    own_run = "optimizer" in ckpt  # a model-only file keeps the best of the run it came from
+    source = ckpt.get("source") if isinstance(ckpt.get("source"), dict) else {}
+    return {"source": "ringq", "epoch": _epoch(ckpt.get("epoch")),
+            "dataset": _dataset(recorded.get("dataset")),
+            "source_file": None if own_run else _file_name(source.get("file")),
+            "recorded_best": recorded_best(ckpt.get("best"), OF_THIS_RUN if own_run
+                                           else OF_SOURCE)}
+
+
+def _weights(ckpt, path):
+    """(model config, state dict, meta) of a non-packed checkpoint, unchecked."""
     if ckpt.get("format") == FORMAT:
         config, state = ckpt.get("model_config"), ckpt.get("model")
         if isinstance(config, dict) and isinstance(ckpt.get("sigma"), float):
             config = {**config, "sigma": ckpt["sigma"]}  # annealed runs end below the default
-        recorded = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-        meta.update(source="ringq", epoch=ckpt.get("epoch"), dataset=recorded.get("dataset"),
-                    data_dir=recorded.get("data_dir"),
-                    best_accuracy=(ckpt.get("best") or {}).get("accuracy"))
-    else:
-        state = ckpt.get("model_state_dict", ckpt)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                                  for v in state.values()):
-            raise CheckpointError(f"{path}: no model state dict found (expected key "
-                                  f"'model_state_dict' or a dict of tensors)")
-        try:
-            config = infer_config(state)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        meta.update(source="upstream" if "model_state_dict" in ckpt else "state_dict",
-                    epoch=ckpt.get("epoch"), best_accuracy=ckpt.get("best_accuracy"))
+        return config, state, _training_meta(ckpt)
+    state = ckpt.get("model_state_dict", ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise CheckpointError(f"{path}: no model state dict found (expected key "
+                              f"'model_state_dict' or a dict of tensors)")
+    try:
+        config = infer_config(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    meta = {"source": "upstream" if "model_state_dict" in ckpt else "state_dict",
+            "epoch": _epoch(ckpt.get("epoch")), "dataset": None, "source_file": None,
+            "recorded_best": recorded_best({"accuracy": ckpt.get("best_accuracy")},
+                                           OF_THIS_RUN)}
+    return config, state, meta
+
+
+def load_model_from_checkpoint(path, map_location="cpu"):
+    """Rebuild a model from any checkpoint we can read: (model, config, meta).
+
+    Accepts our training checkpoints, packed k-bit files (export.py), the
+    original authors' files and bare state dicts. The file's model config is
+    untrusted: it is checked, and the shapes it implies are matched against the
+    stored tensors, before the model is built. ``meta``: ``source`` (packed,
+    ringq, upstream or state_dict), ``dataset`` (or None), ``epoch`` (of the
+    weights, or None), ``source_file`` (name of the checkpoint a derived file
+    came from, or None), ``recorded_best`` (:func:`recorded_best`, or None)
+    and, for a packed PTQ file, ``ptq`` {bits, scale}.
+    """
+    if Path(path).is_file() and is_packed_file(path):
+        model, config, extra = load_packed(path, map_location=map_location)
+        return model, config, packed_meta(extra)
+    ckpt = safe_load(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    config, state, meta = _weights(ckpt, path)
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise CheckpointError(f"{path}: checkpoint lacks its model config or weights")
-    try:
-        model = build_model(config)
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: invalid model config ({e})") from None
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: the model weights are not all tensors")
+    config = check_model_config(config, f"{path}: model config")
+    expected = {k: tuple(t.shape) for k, t in
+                meta_model(config, f"{path}: model config").state_dict().items()}
+    check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, path)
+    model = build_model(config)
     load_state(model, state, path)
     return model.to(map_location), config, meta
+
+
+def portable_config(config):
+    """A run config to ship: without the run's own folder (``output_dir``) and without
+    absolute paths of this machine (a relative data_dir, init_from or distill_from stays;
+    ``init_source`` / ``distill_source`` name the sources)."""
+    return {k: v for k, v in config.items() if k != "output_dir" and not (
+        k in PATH_KEYS and isinstance(v, str) and Path(v).is_absolute())}
+
+
+def _training_checkpoint(path):
+    """The dict of a checkpoint written by the training scripts; CheckpointError otherwise."""
+    ckpt = safe_load(path)
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and "model" in ckpt):
+        raise CheckpointError(f"{path}: not a training checkpoint of this project (expected "
+                              f"a last.pt or best.pt written by train_*.py)")
+    return ckpt
 
 
 def model_only(path):
     """A training checkpoint without its training state (optimizer, scheduler, history, RNG).
 
-    What remains (``MODEL_ONLY_KEYS``) evaluates, warm-starts (``--init-from``) and
-    fine-tunes like the full file, but cannot be resumed. CheckpointError for anything
-    but a checkpoint written by the training scripts.
+    What remains (``MODEL_ONLY_KEYS``, the config without machine paths:
+    :func:`portable_config`) evaluates, warm-starts (``--init-from``) and
+    fine-tunes like the full file, but cannot be resumed; ``source`` {"file":
+    the source's file name} records where it came from, and its ``best`` reads
+    as the source run's figure. CheckpointError for anything but a checkpoint
+    written by the training scripts (a packed file included).
     """
-    ckpt = safe_load(path)
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and "model" in ckpt):
-        raise CheckpointError(f"{path}: not a training checkpoint of this project (expected "
-                              f"a last.pt or best.pt written by train_*.py)")
-    return {k: ckpt[k] for k in MODEL_ONLY_KEYS if k in ckpt}
+    if Path(path).is_file() and is_packed_file(path):
+        raise CheckpointError(f"{path}: a packed file (export.py output), not a training "
+                              f"checkpoint; --model-only takes the last.pt or best.pt written by "
+                              f"train_*.py")
+    ckpt = _training_checkpoint(path)
+    out = {k: ckpt[k] for k in MODEL_ONLY_KEYS if k in ckpt}
+    if isinstance(out.get("config"), dict):
+        out["config"] = portable_config(out["config"])
+    return {**out, "source": {"file": Path(path).name}}
+
+
+def rewrite_metadata(path, changes):
+    """Replace top-level entries of the training checkpoint at ``path`` (atomically).
+
+    changes: {key: new value} (None removes the key); the weights (``model``)
+    cannot be changed, and are saved again as the same tensors, bit for bit.
+    """
+    if "model" in changes:
+        raise ValueError("rewrite_metadata changes metadata only, not the weights ('model')")
+    ckpt = _training_checkpoint(path)
+    ckpt.update(changes)
+    save_atomic({k: v for k, v in ckpt.items() if k not in changes or v is not None}, path)

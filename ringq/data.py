@@ -80,20 +80,40 @@ def expected_files(dataset):
             f"{IDX_TORCHVISION_DIR[dataset]}/raw/ (get them by running with download enabled while online)")
 
 
+def check_data_dir(path, dataset, download):
+    """``path`` as a Path (``~`` expanded), checked before anything reads or downloads.
+
+    DataError (one line) when ``path`` or one of its parents is a file, or when
+    ``path`` does not exist and ``download`` is off: a mistyped directory is
+    never created unless a download into it is what comes next.
+    """
+    path = Path(path).expanduser()
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == path:
+        raise DataError(f"data directory {path} is not a directory")
+    if blocker is not None:
+        raise DataError(f"data directory {path} cannot exist: {blocker} is a file")
+    if not path.is_dir() and not download:
+        raise DataError(f"no such data directory {path}; expected {expected_files(dataset)}")
+    return path
+
+
 def load_split(dataset, data_dir, split, download=False):
     """Load ``split`` ("train"/"test") of ``dataset`` from ``data_dir`` as an ArrayDataset.
 
-    With ``download`` the dataset is fetched through torchvision when no local copy is found.
+    With ``download`` the dataset is fetched through torchvision when no local copy is found
+    (``data_dir`` is created for it when missing; :func:`check_data_dir`).
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose 'train' or 'test'")
-    data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
-        if not download:
-            raise DataError(f"data directory {data_dir} does not exist; expected {expected_files(dataset)}")
-        data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = check_data_dir(data_dir, dataset, download)
+    if not data_dir.is_dir():  # a download into it follows: nothing else can be there
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create data directory {data_dir}: {e.strerror or e}") from None
     if dataset == "cifar10":
         return _load_cifar10(data_dir, split, download)
     return _load_idx_dataset(dataset, data_dir, split, download)

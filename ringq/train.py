@@ -29,12 +29,13 @@ from . import config as config_lib
 from . import data as data_lib
 from . import identity
 from .atomic import remove_stale_temps, save_atomic, write_text_atomic
-from .checkpoint import FORMAT, load_model_from_checkpoint, load_state, safe_load
+from .checkpoint import FORMAT, load_model_from_checkpoint, load_state, portable_config, safe_load
 from .distributed import cleanup, convert_batchnorm, init_distributed, local_rank_first, unwrap
 from .engine import (Interrupted, NonFiniteError, StopSignals, apply_epoch_schedule,
                      evaluate_all_modes, lr_at, sigma_at, train_mode_at, train_one_epoch)
-from .errors import CheckpointError, DataError, RingqError
+from .errors import CheckpointError, RingqError
 from .precision import resolve_precision
+from .report import report_dict
 from .runtime import (ArgumentParser, determinism, library_versions, resolve_device, run_cli,
                       seed_everything)
 
@@ -169,20 +170,13 @@ def _write_metrics(history, path):
     write_text_atomic(buf.getvalue(), path)
 
 
-def check_data_dir(path):
-    """DataError when ``path`` exists but is not a directory (the loaders would call it missing)."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise DataError(f"data directory {path} is not a directory")
-
-
 def load_datasets(cfg, dist_info, device):
     """(train, selection, test) ArrayDatasets and their loader settings.
 
     ``selection`` is the held-out validation split, or the test split under
     the published protocol (val_split 0).
     """
-    data_dir = cfg["data_dir"]
-    check_data_dir(data_dir)
+    data_dir = data_lib.check_data_dir(cfg["data_dir"], cfg["dataset"], cfg["download"])
     train, test = local_rank_first(dist_info, device, lambda: tuple(
         data_lib.load_split(cfg["dataset"], data_dir, split, download=cfg["download"])
         for split in ("train", "test")))
@@ -298,16 +292,6 @@ def _wrap(model, cfg, device, dist_info):
     return model
 
 
-def portable_config(cfg):
-    """``cfg`` as config.yaml records it, to be archived and shipped: without the run's
-    own folder and without absolute paths of this machine (a relative data_dir or
-    init_from stays; ``init_source`` / ``distill_source`` name the sources). The checkpoints
-    keep the full config, so that ``--resume`` finds the data again."""
-    return {k: v for k, v in cfg.items() if k != "output_dir" and not (
-        k in ("data_dir", "init_from", "distill_from") and v is not None
-        and Path(v).is_absolute())}
-
-
 def _checkpoint(run, epoch, history, best):
     """Everything to resume or evaluate the run; ``sigma`` is the kernel width in effect."""
     summary = ring_summary(unwrap(run.model))  # sigma: ring models only
@@ -359,7 +343,8 @@ def _prepare_output(out, cfg, resume, overwrite, history):
     stale = ("final.json",) if _own_run(out, resume) else RUN_FILES if overwrite else ()
     for name in stale:
         (out / name).unlink(missing_ok=True)
-    config_lib.save_yaml(portable_config(cfg), out / "config.yaml")
+    config_lib.save_yaml(portable_config(cfg), out / "config.yaml")  # the checkpoints keep
+    # the full config, so that --resume finds the data again
     if history:
         _write_metrics(history, out / "metrics.csv")
 
@@ -538,23 +523,6 @@ def _train(cfg, resume, overwrite, out, device, precision, dist_info, stop):
     _log(dist_info, "final test accuracy: " + ", ".join(
         f"{m} {r['accuracy']:.2f}" for m, r in results.items()) + f" -> {out / 'final.json'}")
     return final
-
-
-def report_dict(model, mcfg, results, **extra):
-    """The JSON schema shared by evaluate.py --json and final.json."""
-    summary = quant_summary(model)
-    out = {"accuracy": {m: round(r["accuracy"], 4) for m, r in results.items()},
-           "loss": {m: round(r["loss"], 6) for m, r in results.items()},
-           "num_examples": next(iter(results.values()))["num_examples"],
-           "model": mcfg["model"], "quantization": mcfg["quantization"],
-           "parameters": count_parameters(model)}
-    if summary:
-        out.update({k: summary[k] for k in ("ring_size", "ring_type", "ring_layout", "bits",
-                                            "nominal_bits", "num_distinct_values",
-                                            "effective_bits", "distinct_values")
-                    if k in summary})
-    out.update(extra)
-    return out
 
 
 def main(task, argv=None):

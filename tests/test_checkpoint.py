@@ -8,8 +8,11 @@ import zipfile
 import pytest
 import torch
 
+from models import build_model
+from models.utils import set_weight_mode
 from ringq.atomic import remove_stale_temps, save_atomic, write_text_atomic
-from ringq.checkpoint import load_model_from_checkpoint, safe_load
+from ringq.checkpoint import (load_model_from_checkpoint, portable_config, rewrite_metadata,
+                              safe_load)
 from ringq.errors import CheckpointError, RingqError
 from run_helpers import Payload, save_checkpoint
 
@@ -136,8 +139,74 @@ def test_weights_of_another_architecture(tmp_path):
         load_model_from_checkpoint(path)
 
 
-def test_meta_records_dataset_and_data_dir(tmp_path):
+def test_meta_records_dataset_not_the_data_dir(tmp_path):
     path = save_checkpoint(tmp_path / "x.pt", MLP, {"dataset": "mnist", "data_dir": "/d"})
     _, config, meta = load_model_from_checkpoint(path)
-    assert config == MLP and (meta["dataset"], meta["data_dir"]) == ("mnist", "/d")
+    assert config == MLP and meta["dataset"] == "mnist" and "data_dir" not in meta
 
+
+@pytest.mark.parametrize("best, recorded", [
+    ({"epoch": 57, "accuracy": 85.9, "mode": "hard", "split": "val"},
+     {"accuracy": 85.9, "split": "val", "epoch": 57, "mode": "hard", "of": "this run"}),
+    ({"epoch": 4, "accuracy": 70.0},  # written before mode and split were recorded
+     {"accuracy": 70.0, "split": None, "epoch": 4, "mode": None, "of": "this run"}),
+    ({"epoch": 0, "accuracy": -1.0}, None),  # no epoch finished yet
+])
+def test_recorded_best_is_labelled(tmp_path, best, recorded):
+    path = save_checkpoint(tmp_path / "last.pt", MLP, {"dataset": "mnist"}, epoch=60, best=best)
+    _, _, meta = load_model_from_checkpoint(path)
+    assert meta["recorded_best"] == recorded and meta["epoch"] == 60
+    assert "best_accuracy" not in meta and meta["source"] == "ringq"
+
+
+def test_portable_config_drops_machine_paths():
+    config = {"dataset": "cifar10", "data_dir": "/root/data", "output_dir": "runs/x",
+              "init_from": "/root/runs/fp32/best.pt", "distill_from": "/tmp/t.pt", "seed": 1}
+    assert portable_config(config) == {"dataset": "cifar10", "seed": 1}
+    relative = {"data_dir": "../data", "init_from": "pretrained/f.pt", "distill_from": None}
+    assert portable_config(relative) == relative
+
+
+def _logits(model):
+    set_weight_mode(model, "hard")
+    with torch.no_grad():
+        return model.eval()(torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+
+
+def test_rewrite_metadata_keeps_weights_and_predictions(tmp_path):
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "best.pt", MLP, {"dataset": "mnist", "data_dir": "/d"},
+                           sigma=0.25)
+    before_model, _, _ = load_model_from_checkpoint(path)
+    before = safe_load(path)
+    rewrite_metadata(path, {"config": portable_config(before["config"]),
+                            "source": {"file": "best.pt"}, "history": None})
+    after = safe_load(path)
+    assert after["config"] == {"dataset": "mnist"} and after["source"] == {"file": "best.pt"}
+    assert "history" not in after and after["sigma"] == 0.25
+    assert after["model"].keys() == before["model"].keys()
+    for key, tensor in before["model"].items():
+        assert after["model"][key].dtype == tensor.dtype
+        assert torch.equal(after["model"][key].view(-1).view(torch.uint8),
+                           tensor.view(-1).view(torch.uint8)), key
+    after_model, _, _ = load_model_from_checkpoint(path)
+    assert torch.equal(_logits(after_model), _logits(before_model))
+
+
+def test_rewrite_metadata_refuses_weights_and_other_files(tmp_path):
+    path = save_checkpoint(tmp_path / "best.pt", MLP)
+    with pytest.raises(ValueError, match="not the weights"):
+        rewrite_metadata(path, {"model": {}})
+    bare = tmp_path / "bare.pt"
+    torch.save(build_model(MLP).state_dict(), bare)
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        rewrite_metadata(bare, {"config": {}})
+
+
+def test_state_dict_of_non_tensors_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "x.pt", MLP)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {**ckpt["model"], "features.2.weight": [1.0, 2.0]}
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="not all tensors"):
+        load_model_from_checkpoint(path)

@@ -19,7 +19,10 @@ import torch
 
 import evaluate
 import export
+from packed_helpers import rewrite_header
+from ringq.checkpoint import load_model_from_checkpoint
 from ringq.data import load_split
+from ringq.packing import export_packed
 from ringq.runtime import run_cli
 from run_helpers import (ENV, ROOT, Payload, exit_code, make_image_folder, run_script,
                          save_checkpoint, snapshot, tiny_args, train_main)
@@ -87,7 +90,10 @@ CASES = [  # (id, CLI, arguments, fragment of the error line)
      "ring_size must be between 2 and 256, got 1"),
     ("yaml-missing", "mnist", TRAIN + " --config {root}/none.yaml", "config file not found"),
     ("data-dir-missing", "mnist", TRAIN + " --data-dir {root}/nowhere",
-     "does not exist; expected the four IDX files train-images-idx3-ubyte"),
+     "no such data directory {root}/nowhere; expected the four IDX files train-images-idx3-ubyte"),
+    ("data-dir-under-a-file", "mnist", TRAIN.replace(" --no-download", "")
+     + " --data-dir {root}/afile/x", "data directory {root}/afile/x cannot exist: "
+     "{root}/afile is a file"),
     ("data-dir-is-a-file", "mnist", TRAIN + " --data-dir {root}/afile", "is not a directory"),
     ("data-dir-empty", "mnist", TRAIN + " --data-dir {root}/empty",
      "train-images-idx3-ubyte, train-labels-idx1-ubyte (or .gz) not found"),
@@ -170,7 +176,20 @@ CASES = [  # (id, CLI, arguments, fragment of the error line)
      EVAL + " {run}/last.pt --dataset cifar10 --data-dir {cifar}",
      "for 1-channel 28x28 images, but the cifar10 test split has 3-channel 32x32 images"),
     ("evaluate-data-dir-missing", "evaluate", EVAL + " {run}/last.pt --data-dir {root}/nowhere",
-     "does not exist"),
+     "no such data directory {root}/nowhere; expected the four IDX files"),
+    ("evaluate-data-dir-under-a-file", "evaluate", "--quiet --checkpoint {run}/last.pt "
+     "--data-dir {root}/afile/x", "{root}/afile is a file"),
+    ("evaluate-bn-recalibrate-fp32", "evaluate", EVAL + " {root}/mlp_fp32.pt --bn-recalibrate 100 "
+     "--data-dir {root}/nowhere", "--bn-recalibrate needs a quantized model"),
+    ("evaluate-huge-packed-config", "evaluate", EVAL + " {root}/huge.rqp",
+     "huge.rqp: config: num_classes: must be an integer in 1..100000, got 1099511627776"),
+    ("evaluate-huge-model-config", "evaluate", EVAL + " {root}/huge.pt",
+     "huge.pt: model config: in_channels: must be an integer in 1..64, got 1099511627776"),
+    ("export-huge-packed-config", "export", "--output {root}/out.rqp --checkpoint {root}/huge.rqp",
+     "huge.rqp: config: num_classes: must be an integer"),
+    ("export-model-only-of-packed", "export", "--output {root}/out.pt --model-only --checkpoint "
+     "{root}/lenet.rqp", "lenet.rqp: a packed file (export.py output), not a training "
+     "checkpoint; --model-only takes the last.pt or best.pt written by train_*.py"),
     ("evaluate-json-unwritable", "evaluate", EVAL + " {run}/last.pt --json {root}/afile/r.json",
      "cannot write --json"),
     ("export-code", "export", "--output {root}/out.rqp --checkpoint {root}/code.pt",
@@ -181,7 +200,9 @@ CASES = [  # (id, CLI, arguments, fragment of the error line)
      "no such file"),
 ]
 SUBPROCESS = {"ring-size-word", "yaml-invalid", "data-dir-missing", "resume-code",
-              "evaluate-code", "export-code", "init-from-ring-run", "export-bits-1"}
+              "evaluate-code", "export-code", "init-from-ring-run", "export-bits-1",
+              "evaluate-data-dir-under-a-file", "evaluate-huge-packed-config",
+              "evaluate-huge-model-config", "export-model-only-of-packed"}
 MLP_FP32 = {"model": "mlp", "quantization": "none", "num_classes": 10, "in_channels": 1,
             "image_size": 28}
 SCRIPTS = {"mnist": "train_mnist.py", "cifar10": "train_cifar10.py",
@@ -218,6 +239,12 @@ def inputs(idx_data, tmp_path_factory):
     tampered = torch.load(run / "last.pt", weights_only=True)
     tampered["model_config"] = {**tampered["model_config"], "model": "mlp"}
     torch.save(tampered, root / "tampered.pt")
+    tampered["model_config"] = {**tampered["model_config"], "model": "lenet", "in_channels": 2**40}
+    torch.save(tampered, root / "huge.pt")
+    model, config, _ = load_model_from_checkpoint(run / "last.pt")
+    export_packed(model, config, root / "lenet.rqp")
+    rewrite_header(root / "lenet.rqp", root / "huge.rqp",
+                   lambda h: h["config"].update(num_classes=2**40))
     return {"root": root, "data": data, "run": run, "cifar": cifar}
 
 

@@ -99,4 +99,5 @@ def test_recorded_config_is_checked(bad, fragment):
 
 
 def test_fixed_on_resume_are_options():
-    assert set(config_lib.FIXED_ON_RESUME) - {"init_source"} <= set(config_lib.OPTION_BY_NAME)
+    assert set(config_lib.FIXED_ON_RESUME) - set(config_lib.SOURCE_KEYS) <= \
+        set(config_lib.OPTION_BY_NAME)

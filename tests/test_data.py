@@ -220,10 +220,37 @@ def test_idx_corrupt_files_named(tmp_path):
 
 
 def test_missing_data_dir(tmp_path):
-    with pytest.raises(DataError, match=r"does not exist.*train-images-idx3-ubyte"):
+    with pytest.raises(DataError, match=r"no such data directory .*nope; expected the four IDX.*"
+                                        r"train-images-idx3-ubyte"):
         load_split("fashion-mnist", tmp_path / "nope", "train")
-    with pytest.raises(DataError, match=r"does not exist.*cifar-10-batches-py"):
+    with pytest.raises(DataError, match=r"no such data directory .*nope; .*cifar-10-batches-py"):
         load_split("cifar10", tmp_path / "nope", "train")
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_data_dir_under_a_file_is_one_data_error(tmp_path, download):
+    (tmp_path / "afile").write_text("x")
+    for path in (tmp_path / "afile" / "x", tmp_path / "afile" / "x" / "y"):
+        with pytest.raises(DataError, match=f"data directory {path} cannot exist: "
+                                            f"{tmp_path / 'afile'} is a file"):
+            load_split("cifar10", path, "test", download=download)
+    with pytest.raises(DataError, match="is not a directory"):
+        data.check_data_dir(tmp_path / "afile", "cifar10", download)
+
+
+def test_check_data_dir_creates_nothing(tmp_path):
+    missing = tmp_path / "typo" / "data"
+    assert data.check_data_dir(missing, "mnist", download=True) == missing
+    with pytest.raises(DataError, match="no such data directory"):
+        data.check_data_dir(missing, "mnist", download=False)
+    assert not (tmp_path / "typo").exists()
+    assert data.check_data_dir(tmp_path, "mnist", download=False) == tmp_path
+
+
+def test_check_data_dir_expands_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.check_data_dir("~", "cifar10", download=False) == tmp_path
 
 
 def test_failed_download_is_data_error(tmp_path, monkeypatch):

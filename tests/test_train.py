@@ -249,7 +249,8 @@ def test_kbit_recipe_anneals_sigma_and_evaluates_at_final_sigma(idx_data, one_th
     assert final["num_distinct_values"] == 4 and final["effective_bits"] == 2
     report_path = tmp_path / "report.json"
     assert exit_code(run_cli, evaluate.main, ["--checkpoint", str(out / "last.pt"), "--json",
-                                              str(report_path), "--quiet", "--no-download"]) == 0
+                                              str(report_path), "--data-dir", str(idx_data),
+                                              "--quiet", "--no-download"]) == 0
     report = json.loads(report_path.read_text())
     assert report["accuracy"] == pytest.approx(final["accuracy"], abs=1e-3)
 

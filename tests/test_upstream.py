@@ -28,7 +28,9 @@ EXPECTED_RECALIBRATED = {"ring4": 61.67, "ring8": 75.43}
 def test_state_dicts_load_unchanged(upstream_dir, key):
     raw = safe_load(upstream_dir / FILES[key])
     model, config, meta = load_model_from_checkpoint(upstream_dir / FILES[key])
-    assert meta["source"] == "upstream" and meta["best_accuracy"] == raw["best_accuracy"]
+    assert meta["source"] == "upstream" and meta["epoch"] == raw.get("epoch")
+    assert meta["recorded_best"] == {"accuracy": raw["best_accuracy"], "split": None,
+                                     "epoch": None, "mode": None, "of": "this run"}
     assert config["model"] == "resnet20"
     ours = model.state_dict()
     assert set(ours) == set(raw["model_state_dict"])
