@@ -9,7 +9,10 @@ export.py, or one of the original authors' files (the config is inferred).
 levels per output channel) and evaluates that network. The dataset is the one
 the file records; the data directory is ``--data-dir`` (default ./data). The
 best accuracy a file records is printed with its split, epoch and whose it is
-(this run's, or the source checkpoint's for a derived file).
+(this run's, or the source checkpoint's for a derived file). An ``.onnx`` file
+written by ``export.py --onnx`` runs in onnxruntime; ``--reference FILE`` then
+also runs FILE's hard network in PyTorch on the same images and reports where the
+two disagree.
 """
 import json
 from pathlib import Path
@@ -21,6 +24,7 @@ from ringq.checkpoint import as_source, load_model_from_checkpoint
 from ringq.data import check_data_dir
 from ringq.engine import evaluate, evaluate_all_modes, recalibrate_batchnorm
 from ringq.errors import RingqError
+from ringq.onnx_export import OnnxClassifier, agreement, evaluate_onnx, torch_hard_logits
 from ringq.ptq import add_ptq_options, quantize_after_training
 from ringq.report import describe_recorded, report_dict
 from ringq.runtime import ArgumentParser, int_in, resolve_device, run_cli
@@ -42,6 +46,10 @@ def get_args_parser():
                         help="re-estimate BatchNorm statistics with hard weights from N "
                              "training images (no labels) and report hard accuracy after")
     add_ptq_options(parser, "--ptq-bits")
+    parser.add_argument("--reference", metavar="FILE",
+                        help="with an .onnx FILE: also run this checkpoint's hard network in "
+                             "PyTorch on the same images and report the top-1 agreement and "
+                             "the largest logit difference")
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="never download the dataset")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
@@ -102,10 +110,61 @@ def check_json_target(path):
                             f"{path.parent} is not a directory"))
 
 
+def evaluate_onnx_file(args):
+    """The report of an ONNX file in onnxruntime on the test split (and its agreement with
+    ``--reference``'s hard network in PyTorch)."""
+    unsupported = [flag for flag, value in (("--ptq-bits", args.ptq_bits),
+                                            ("--bn-recalibrate", args.bn_recalibrate))
+                   if value]
+    if unsupported:
+        raise RingqError(f"{', '.join(unsupported)}: not for an ONNX file (it holds the "
+                         f"deployed network as exported)")
+    onnx_model = OnnxClassifier(args.checkpoint)
+    reference = load_model_from_checkpoint(args.reference) if args.reference else None
+    dataset = args.dataset or onnx_model.info["dataset"] or "cifar10"
+    data_dir = check_data_dir(args.data_dir, dataset, args.download)
+    test = data_lib.load_split(dataset, data_dir, "test", download=args.download)
+    result = evaluate_onnx(onnx_model, test, batch_size=args.batch_size,
+                           return_logits=reference is not None)
+    report = {"accuracy": {"hard": round(result["accuracy"], 4)},
+              "num_examples": result["total"], "checkpoint": str(args.checkpoint),
+              "source": "onnx", "runtime": "onnxruntime", "dataset": dataset,
+              "opset": onnx_model.info["opset"], "session_start_s": round(onnx_model.start_s, 4)}
+    if reference is not None:
+        logits = torch_hard_logits(reference[0], test, onnx_model.info["mean"],
+                                   onnx_model.info["std"], args.batch_size)
+        report["reference"] = {"checkpoint": str(args.reference), **agreement(
+            result["logits"], logits)}
+    return report
+
+
+def format_onnx_report(report):
+    lines = [f"checkpoint      {report['checkpoint']} (ONNX opset {report['opset']}, "
+             f"onnxruntime; session start {report['session_start_s'] * 1000:.0f} ms)",
+             f"hard            accuracy {report['accuracy']['hard']:6.2f}%  "
+             f"({report['num_examples']} {report['dataset']} test images)"]
+    if "reference" in report:
+        r = report["reference"]
+        lines.append(f"against PyTorch same top-1 on {r['same_top1']} of {r['total']} images "
+                     f"(hard network of {r['checkpoint']}), largest logit difference "
+                     f"{r['max_abs_logit_diff']:.2e}"
+                     + (f"; disagreements at {r['disagreements']}" if r["disagreements"]
+                        else ""))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.json:
         check_json_target(args.json)
+    if str(args.checkpoint).endswith(".onnx"):
+        report = evaluate_onnx_file(args)
+        print(format_onnx_report(report))
+        if args.json:
+            write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
+        return report
+    if args.reference:
+        raise RingqError("--reference is for an .onnx checkpoint")
     device = resolve_device(args.device)
     model, mcfg, meta = load_model_from_checkpoint(args.checkpoint)
     if args.ptq_bits:
