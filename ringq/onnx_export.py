@@ -48,6 +48,7 @@ std), N dynamic; the output ``logits`` is [N, classes].
 onnx, onnxruntime and ml_dtypes are imported only when used.
 """
 import copy
+import importlib
 import io
 import json
 import math
@@ -81,24 +82,22 @@ STORAGE_BITS = (2, 4, 8)  # the integer widths ONNX has, smallest first
 EXPORTER = f"torch.onnx.export(dynamo=False) at opset {TORCH_OPSET}, onnx version converter"
 
 
-def _onnx():
-    """The onnx module (with ml_dtypes), or a RingqError saying what to install."""
+def _require(name, package):
+    """Import module ``name``, or a RingqError saying to install ``package``."""
     try:
-        import ml_dtypes  # noqa: F401  (numpy int2 / int4 types)
-        import onnx
+        return importlib.import_module(name)
     except ImportError as e:
-        raise RingqError(f"ONNX export needs onnx and ml_dtypes ({e}); "
-                         f"pip install 'onnx>=1.20' 'ml_dtypes>=0.5'") from None
-    return onnx
+        raise RingqError(f"ONNX files need {name} ({e}); pip install '{package}'") from None
+
+
+def _onnx():
+    """The onnx module, with ml_dtypes (numpy int2 / int4 types) loaded beside it."""
+    _require("ml_dtypes", "ml_dtypes>=0.5")
+    return _require("onnx", "onnx>=1.20")
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise RingqError(f"running ONNX files needs onnxruntime ({e}); "
-                         f"pip install 'onnxruntime>=1.24'") from None
-    return onnxruntime
+    return _require("onnxruntime", "onnxruntime>=1.24")
 
 
 def ir_version_for(opset):

@@ -22,16 +22,11 @@ from run_helpers import exit_code, save_checkpoint
 
 PRETRAINED = sorted((Path(__file__).resolve().parents[1] / "pretrained").glob("*.rqp"))
 
+pytest_plugins = ["run_helpers"]
 RESNET_RING4 = dict(model="resnet20", quantization="ring", ring_size=4, ring_layout="distinct")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forward passes: one thread keeps them fast on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
 
 
 # --- bit packing --------------------------------------------------------------
