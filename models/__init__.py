@@ -3,7 +3,7 @@ import torch.nn as nn
 
 from .mnist_nets import LeNet, MLP
 from .resnet_ring import DEPTHS, cifar_resnet
-from .quant_layers import clear_weights, prepare_weights
+from .quant_layers import register_weight_hooks
 from .ring_layers import RingConv2d, RingLinear, RingQuantizer
 from .uniform_layers import UniformConv2d, UniformLayer, UniformLinear, UniformQuantizer
 
@@ -18,8 +18,10 @@ RING_CONFIG_KEYS = ("ring_size", "ring_type", "ring_layout", "interpolation", "s
 def layer_factories(config):
     """(conv, linear) constructors for the config's quantization.
 
-    conv(in, out, kernel_size, stride, padding); linear(in, out). The quantized
-    layers of one model share one quantizer (:class:`RingQuantizer` or
+    conv(in, out, kernel_size, stride, padding, **geometry); linear(in, out, **terms),
+    where the quantized ones take the keywords of :class:`quant_layers.QuantizedConv2d`
+    (dilation, groups, bias, output_scale) and :class:`quant_layers.QuantizedLinear`.
+    The quantized layers of one model share one quantizer (:class:`RingQuantizer` or
     :class:`UniformQuantizer`), so a mode or sigma change reaches all of them.
     """
     if config["quantization"] == "none":
@@ -39,11 +41,11 @@ def layer_factories(config):
             interpolation=config.get("interpolation", "gaussian"), sigma=config.get("sigma"))
         conv_class, linear_class = RingConv2d, RingLinear
 
-    def quantized_conv(cin, cout, k, stride, padding):
-        return conv_class(cin, cout, k, stride, padding, quantizer=quantizer)
+    def quantized_conv(cin, cout, k, stride, padding, **geometry):
+        return conv_class(cin, cout, k, stride, padding, quantizer=quantizer, **geometry)
 
-    def quantized_linear(cin, cout):
-        return linear_class(cin, cout, quantizer=quantizer)
+    def quantized_linear(cin, cout, **terms):
+        return linear_class(cin, cout, quantizer=quantizer, **terms)
     return quantized_conv, quantized_linear
 
 
@@ -74,8 +76,7 @@ def build_model(config):
     else:
         model = LeNet(conv, linear, num_classes, in_channels, image_size, first_conv)
     if config["quantization"] != "none":
-        model.register_forward_pre_hook(prepare_weights)
-        model.register_forward_hook(clear_weights)
+        register_weight_hooks(model)
     for layer in model.modules():
         if isinstance(layer, UniformLayer):
             layer.reset_step()  # after the network's own weight initialisation

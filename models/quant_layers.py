@@ -6,6 +6,14 @@ steps) and a quantizer that turns them into weight values in its current
 unchanged; the conv / linear classes add the geometry and the forward pass.
 One quantizer object is shared by all quantized layers of a model, so a mode
 switch reaches all of them.
+
+A layer may also hold FP32 output terms, registered only when asked for (so the
+repository's networks keep their state-dict layout): a ``bias`` [out] and an
+``output_scale`` [out], one learned factor per output channel for a ring layer
+whose output no BatchNorm normalises (docs/OWN_MODELS.md). The layer computes
+``output_scale / output_norm() * (x conv w) + bias``; the weights keep their k-bit
+values, and ``output_norm`` (a ring layer: the largest weight magnitude the kernel
+allows at the current sigma) keeps the output's size steady while sigma anneals.
 """
 import math
 
@@ -17,12 +25,14 @@ import torch.nn.functional as F
 class QuantizedLayer(nn.Module):
     """Base of ring and uniform layers: the quantizer and the cached weights.
 
-    Subclasses define :meth:`latent` (the tensors the weights are computed
-    from) and :meth:`compute_weight` (the weights in the current mode), and set
-    ``weight_shape`` (e.g. [out, in, kh, kw]) before calling this ``__init__``.
+    Subclasses name in ``latent_names`` the state-dict entries the weights are
+    computed from, define :meth:`compute_weight` (the weights in the current
+    mode), and set ``weight_shape`` (e.g. [out, in / groups, kh, kw]) before
+    calling this ``__init__``.
     """
 
     default_quantizer = None
+    latent_names = ()
 
     def __init__(self, quantizer):
         super().__init__()
@@ -32,8 +42,8 @@ class QuantizedLayer(nn.Module):
         self._step_weight = None
 
     def latent(self):
-        """The tensors the weights are computed from."""
-        raise NotImplementedError
+        """The tensors the weights are computed from (``latent_names``)."""
+        return tuple(getattr(self, name) for name in self.latent_names)
 
     def compute_weight(self):
         """Weight values in the quantizer's current mode (shape of the latent parameter)."""
@@ -82,47 +92,134 @@ class QuantizedLayer(nn.Module):
 
     @property
     def fan_in(self):
-        """Inputs per output unit: in_channels * kh * kw, or in_features."""
+        """Inputs per output unit: in_channels / groups * kh * kw, or in_features."""
         return math.prod(self.weight_shape[1:])
+
+    def add_output_terms(self, bias, output_scale):
+        """Register ``bias`` [out] (zeros) and ``output_scale`` [out] (ones) where asked; the
+        others stay None and out of the state dict."""
+        out = self.weight_shape[0]
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out)) if bias else None)
+        self.register_parameter("output_scale",
+                                nn.Parameter(torch.ones(out)) if output_scale else None)
+
+    def output_norm(self):
+        """What ``output_scale`` is relative to (float): 1 here; ring layers override it."""
+        return 1.0
+
+    def output_factor(self):
+        """The factor [out] the raw output is multiplied by: output_scale / output_norm()."""
+        return self.output_scale / self.output_norm()
+
+    def scaled_output(self, y, view):
+        """``output_factor() * y + bias`` for the raw output ``y`` (channels broadcast by
+        ``view``)."""
+        y = y * self.output_factor().to(y.dtype).view(view)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(view)
+
+    def plain_twin(self, weight, zero_bias=False):
+        """The FP32 modules this layer computes with ``weight`` [weight_shape]: nn.Conv2d or
+        nn.Linear with its geometry and bias (a zero one where it has none and ``zero_bias``),
+        then :class:`OutputScale` where the layer scales its outputs."""
+        scaled = self.output_scale is not None
+        own_bias = self.bias is not None and not scaled
+        plain = self.plain_layer(bias=own_bias or zero_bias)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if plain.bias is not None:
+                plain.bias.copy_(self.bias if own_bias else torch.zeros_like(plain.bias))
+        return nn.Sequential(plain, OutputScale(self)) if scaled else plain
+
+
+class OutputScale(nn.Module):
+    """A layer's output terms (in its current mode) as plain buffers: ``x * scale + shift``,
+    channels on dim 1 (conv [N, C, H, W]) or last (linear [..., out])."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.view = layer.output_view
+        with torch.no_grad():
+            shift = layer.bias if layer.bias is not None else torch.zeros_like(layer.output_scale)
+            self.register_buffer("scale", layer.output_factor().detach().float().clone())
+            self.register_buffer("shift", shift.detach().float().clone())
+
+    def forward(self, x):
+        return x * self.scale.view(self.view) + self.shift.view(self.view)
+
+
+def _cast(tensor, x):
+    return None if tensor is None else tensor.to(x.dtype)
 
 
 class QuantizedConv2d:
-    """Conv2d geometry and forward (no bias) for a :class:`QuantizedLayer` subclass.
+    """Conv2d geometry and forward for a :class:`QuantizedLayer` subclass (zero padding;
+    ``groups`` = in_channels is a depthwise conv); no bias unless asked for.
 
     Listed first among the bases: ``class RingConv2d(QuantizedConv2d, RingLayer)``.
     """
 
+    output_view = (-1, 1, 1)
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 quantizer=None):
+                 quantizer=None, *, dilation=1, groups=1, bias=False, output_scale=False):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups {groups} must divide in_channels {in_channels} and "
+                             f"out_channels {out_channels}")
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-        self.weight_shape = (out_channels, in_channels, kh, kw)
+        self.weight_shape = (out_channels, in_channels // groups, kh, kw)
         super().__init__(quantizer)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = (kh, kw)
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.add_output_terms(bias, output_scale)
 
     def forward(self, x):
-        weight = self.quantized_weight().view(self.weight_shape)
-        return F.conv2d(x, weight.to(x.dtype), None, self.stride, self.padding)
+        weight = self.quantized_weight().view(self.weight_shape).to(x.dtype)
+        if self.output_scale is None:
+            return F.conv2d(x, weight, _cast(self.bias, x), self.stride, self.padding,
+                            self.dilation, self.groups)
+        return self.scaled_output(F.conv2d(x, weight, None, self.stride, self.padding,
+                                           self.dilation, self.groups), self.output_view)
+
+    def plain_layer(self, bias):
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, bias=bias)
 
     def extra_repr(self):
+        extra = "".join(f"{k}={v}, " for k, v in (("dilation", self.dilation),
+                                                   ("groups", self.groups)) if v not in (1, (1, 1)))
+        extra += "".join(f"{k}=True, " for k in ("bias", "output_scale")
+                         if getattr(self, k) is not None)
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, " + super().extra_repr())
+                f"stride={self.stride}, padding={self.padding}, {extra}" + super().extra_repr())
 
 
 class QuantizedLinear:
-    """Linear geometry and forward (no bias) for a :class:`QuantizedLayer` subclass."""
+    """Linear geometry and forward for a :class:`QuantizedLayer` subclass; no bias unless
+    asked for."""
 
-    def __init__(self, in_features, out_features, quantizer=None):
+    output_view = (-1,)
+
+    def __init__(self, in_features, out_features, quantizer=None, *, bias=False,
+                 output_scale=False):
         self.weight_shape = (out_features, in_features)
         super().__init__(quantizer)
         self.in_features, self.out_features = in_features, out_features
+        self.add_output_terms(bias, output_scale)
 
     def forward(self, x):
-        return F.linear(x, self.quantized_weight().view(self.weight_shape).to(x.dtype))
+        weight = self.quantized_weight().view(self.weight_shape).to(x.dtype)
+        if self.output_scale is None:
+            return F.linear(x, weight, _cast(self.bias, x))
+        return self.scaled_output(F.linear(x, weight), self.output_view)
+
+    def plain_layer(self, bias):
+        return nn.Linear(self.in_features, self.out_features, bias=bias)
 
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, " + super().extra_repr()
+        extra = "".join(f"{k}=True, " for k in ("bias", "output_scale")
+                        if getattr(self, k) is not None)
+        return f"{self.in_features}, {self.out_features}, {extra}" + super().extra_repr()
 
 
 def quantized_modules(module):
@@ -157,3 +254,9 @@ def clear_weights(module, inputs=None, output=None):
     """Forward hook: drop the weights :func:`prepare_weights` set (they hold the step's graph)."""
     for layer in quantized_modules(module):
         layer._step_weight = None
+
+
+def register_weight_hooks(model):
+    """Give a quantized model's root the :func:`prepare_weights` / :func:`clear_weights` hooks."""
+    model.register_forward_pre_hook(prepare_weights)
+    model.register_forward_hook(clear_weights)

@@ -17,6 +17,8 @@ from .quant_layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 WEIGHT_MODES = ("soft", "hard", "ste")
 # Positions at which load_fp32_weight reads the value function.
 _INIT_GRID = 1 << 16
+# Positions at which output_norm reads the soft value function's largest magnitude.
+_NORM_GRID = 1 << 12
 
 
 @dataclass
@@ -88,6 +90,7 @@ class RingLayer(QuantizedLayer):
     """
 
     default_quantizer = RingQuantizer
+    latent_names = ("positions", "ring_template")
 
     def __init__(self, quantizer):
         super().__init__(quantizer)
@@ -100,13 +103,12 @@ class RingLayer(QuantizedLayer):
         self._table_key = None
         self._ring_buffer = None
         self._ring_values = None
+        self._norm_key = None
+        self._norm = None
 
     @property
     def ring_size(self):
         return self.quantizer.ring_size
-
-    def latent(self):
-        return (self.positions, self.ring_template)
 
     def compute_weight(self):
         return self.quantizer.weights(self.positions, self.ring_template, self._ring_table())
@@ -124,6 +126,22 @@ class RingLayer(QuantizedLayer):
             self._table = self.quantizer.table(ring, self._ring_values)
             self._table_key = key
         return self._table
+
+    @torch.compiler.disable
+    def output_norm(self):
+        """The largest |weight| in the current mode (float): max |ring| when the forward is
+        hard (hard, ste), else the soft value function's, read on a grid of positions; it
+        grows 32x as sigma anneals from 4 to 0.05 (ring-4). Recomputed only when the
+        ring, mode or sigma change."""
+        ring = self.ring_template
+        key = (ring.data_ptr(), ring._version, ring.device, self.quantizer.cache_key())
+        if key != self._norm_key:
+            with torch.no_grad():
+                grid = torch.arange(_NORM_GRID, dtype=ring.dtype, device=ring.device) / _NORM_GRID
+                values = ring if self.quantizer.mode != "soft" else \
+                    self.quantizer.weights(grid, ring, self._ring_table())
+                self._norm, self._norm_key = float(values.abs().max()), key
+        return self._norm
 
     @staticmethod
     def batch_weights(layers):
@@ -209,11 +227,11 @@ def _invert_branch(values, start, length, target):
 
 
 class RingConv2d(QuantizedConv2d, RingLayer):
-    """Conv2d (no bias) whose weights are read off a ring; positions [out*in*kh*kw]."""
+    """Conv2d whose weights are read off a ring; positions [out*in/groups*kh*kw]."""
 
 
 class RingLinear(QuantizedLinear, RingLayer):
-    """Linear layer (no bias) whose weights are read off a ring; positions [out, in]."""
+    """Linear layer whose weights are read off a ring; positions [out, in]."""
 
 
 RING_LAYERS = (RingConv2d, RingLinear)

@@ -135,6 +135,7 @@ class UniformLayer(QuantizedLayer):
     """
 
     default_quantizer = UniformQuantizer
+    latent_names = ("weight", "step")
 
     def __init__(self, quantizer):
         super().__init__(quantizer)
@@ -147,9 +148,6 @@ class UniformLayer(QuantizedLayer):
     def reset_step(self):
         """Steps from the current latent weights (:meth:`UniformQuantizer.initial_step`)."""
         self.step.copy_(self.quantizer.initial_step(self.weight))
-
-    def latent(self):
-        return (self.weight, self.step)
 
     def compute_weight(self):
         return self.quantizer.weights(self.weight, self.step)
@@ -170,11 +168,11 @@ class UniformLayer(QuantizedLayer):
 
 
 class UniformConv2d(QuantizedConv2d, UniformLayer):
-    """Conv2d (no bias) with K-bit per-channel uniform weights; weight [out, in, kh, kw]."""
+    """Conv2d with K-bit per-channel uniform weights; weight [out, in / groups, kh, kw]."""
 
 
 class UniformLinear(QuantizedLinear, UniformLayer):
-    """Linear layer (no bias) with K-bit per-channel uniform weights; weight [out, in]."""
+    """Linear layer with K-bit per-channel uniform weights; weight [out, in]."""
 
 
 UNIFORM_LAYERS = (UniformConv2d, UniformLinear)

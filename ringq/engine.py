@@ -97,6 +97,31 @@ def apply_epoch_schedule(model, cfg, base_sigma, epoch):
         set_weight_mode(model, train_mode_at(cfg, epoch))
 
 
+def param_groups(model, cfg):
+    """SGD groups of the training scripts (and :class:`ringq.Recipe`): the non-position
+    parameters (LSQ steps, output scales and biases among them), then ring positions.
+
+    Positions take ``position_weight_decay`` (None: ``weight_decay``) and ``lr *
+    position_lr_scale``; with ``position_lr_fan_in`` each ring layer is its own group
+    whose scale is further multiplied by the layer's fan-in. ``lr_scale`` is kept in
+    each group. cfg keys: weight_decay, position_weight_decay, position_lr_scale,
+    position_lr_fan_in.
+    """
+    layers = [layer for _, layer in ring_layers(model)]
+    positions = {id(layer.positions) for layer in layers}
+    others = [p for p in model.parameters() if id(p) not in positions]
+    groups = [{"params": others, "weight_decay": cfg["weight_decay"], "lr_scale": 1.0}]
+    wd_pos = cfg["weight_decay"] if cfg["position_weight_decay"] is None \
+        else cfg["position_weight_decay"]
+    if cfg["position_lr_fan_in"]:
+        groups += [{"params": [layer.positions], "weight_decay": wd_pos,
+                    "lr_scale": cfg["position_lr_scale"] * layer.fan_in} for layer in layers]
+    elif layers:
+        groups.append({"params": [layer.positions for layer in layers], "weight_decay": wd_pos,
+                       "lr_scale": cfg["position_lr_scale"]})
+    return groups
+
+
 def distillation_loss_sum(logits, y, teacher_logits, weight, temperature):
     """Summed loss of a batch learning from a teacher (logits, teacher_logits [B, classes],
     labels y [B]): (1 - weight) * cross-entropy + weight * T^2 * KL(teacher_T || student_T),

@@ -299,20 +299,15 @@ def hard_network(model):
             note = ((note + "; ") if note else "") + f"{name} kept FP32 (over 256 levels)"
         else:
             plans.append({**plan, "weight": weight})
-        if isinstance(layer, QuantizedConv2d):
-            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                              layer.stride, layer.padding, bias=False)
-        elif isinstance(layer, QuantizedLinear):
-            # a zero bias makes the exporter write Gemm(transB=1) on the weights as they are:
-            # a bias-free linear becomes MatMul on the transposed weights, which onnxruntime
-            # fuses with an int4 DequantizeLinear into MatMulNBits, which computes with
-            # int8-quantized activations (not the k-bit network)
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=True)
-            nn.init.zeros_(plain.bias)
-        else:
+        if not isinstance(layer, (QuantizedConv2d, QuantizedLinear)):
             raise RingqError(f"{name}: {type(layer).__name__} is neither conv nor linear")
-        with torch.no_grad():
-            plain.weight.copy_(torch.from_numpy(weight))
+        # a linear gets a zero bias where it has none: it makes the exporter write
+        # Gemm(transB=1) on the weights as they are; a bias-free linear becomes MatMul on the
+        # transposed weights, which onnxruntime fuses with an int4 DequantizeLinear into
+        # MatMulNBits, which computes with int8-quantized activations (not the k-bit network).
+        # An output scale follows as Mul + Add.
+        plain = layer.plain_twin(torch.from_numpy(weight),
+                                 zero_bias=isinstance(layer, QuantizedLinear))
         parent, _, attr = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, attr, plain)
     _affine_batchnorms(net)

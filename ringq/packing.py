@@ -9,7 +9,11 @@ File layout (integers little-endian)::
 
 The header holds the format version, the model ``config`` (``build_model``'s
 keys), the rings (float32 values written as JSON numbers, which round-trip
-float32 bit-exactly), one record per tensor and the sha256 of the payload.
+float32 bit-exactly), one record per tensor and the sha256 of the payload. A
+model converted by :func:`ringq.quantize_model` has no ``build_model`` config: its
+``config`` holds the quantization keys only and ``network`` its class
+(``module.QualName``); such a file loads into that model, built and converted
+the same way (``load_packed(path, model=...)``).
 
 A ring layer's *level table* is the distinct values (bit patterns) of its
 ring, sorted; each weight is stored as the index of its hard value in that
@@ -24,8 +28,8 @@ bits, and its per-output-channel ``steps`` (float32, as JSON numbers); loading
 sets the latent weight to ``q * step`` and the step, so the K-bit weights are
 exactly those of the source. Version 1 files (ring records only) still load.
 
-Every other state-dict tensor is stored raw: float32 (float16 with
-``half=True``), int64 as int64.
+Every other state-dict tensor (a quantized layer's bias and output scale too) is
+stored raw: float32 (float16 with ``half=True``), int64 as int64.
 
 Each quantized layer kind has one codec (``CODECS``, by record kind): the
 layer's codes (levels, a level index per weight, bits), its record fields, the
@@ -51,7 +55,7 @@ from models.ring_math import SAME_VALUE_TOL, hard_indices
 from models.ring_layers import RingLayer
 from models.uniform_layers import MAX_BITS as MAX_UNIFORM_BITS
 from models.uniform_layers import MIN_BITS as MIN_UNIFORM_BITS
-from models.uniform_layers import STEP_MIN, UniformLayer, integer_range
+from models.uniform_layers import STEP_MIN, UniformLayer, UniformQuantizer, integer_range
 from models.utils import quantized_layers, set_weight_mode
 
 from .atomic import write_atomic
@@ -208,6 +212,11 @@ class RingCodec:
     def shape(self, layer):
         return list(layer.positions.shape)
 
+    def mismatch(self, record, layer):
+        """Why ``record`` cannot fill ``layer`` beyond its shapes (None: it can); a ring's
+        size is its shape."""
+        return None
+
     def header_fields(self, name, layer, rings):
         levels, ring_indices, _ = level_table(layer.ring_template)
         return {"levels": levels.tolist(), "ring_indices": ring_indices.tolist(),
@@ -263,6 +272,11 @@ class UniformCodec:
 
     def shape(self, layer):
         return list(layer.weight_shape)
+
+    def mismatch(self, record, layer):
+        bits = layer.quantizer.bits
+        return None if record["bits"] == bits else \
+            f"{record['name']}: stored at {record['bits']} bits, the model's layer has {bits}"
 
     def header_fields(self, name, layer, rings):
         return {"steps": layer.step.detach().clamp_min(STEP_MIN).cpu().float().tolist()}
@@ -366,12 +380,28 @@ def _check_config(model, config):
         raise ValueError("config does not describe the model: state-dict names or shapes differ")
 
 
+def _packed_keys(layers):
+    """State-dict keys that the codecs of ``layers`` ({name: quantized layer}) fill."""
+    return {_key(name, k) for name, layer in layers.items() for k in layer.latent_names}
+
+
+def quantization_config(model):
+    """The ``build_model`` quantization keys of a quantized model, read off its quantizer."""
+    quantizer = quantized_layers(model)[0][1].quantizer
+    if isinstance(quantizer, UniformQuantizer):
+        return {"quantization": "uniform", "bits": quantizer.bits}
+    return {"quantization": "ring", "ring_size": quantizer.ring_size,
+            "ring_type": quantizer.ring_type, "ring_layout": quantizer.layout,
+            "interpolation": quantizer.interpolation, "sigma": quantizer.sigma}
+
+
 def _entries(model, half):
     """(rings, [(record, blob)]) for every quantized layer, then every other tensor."""
-    rings, entries, packed_keys = _RingTable(), [], set()
-    for name, layer in quantized_layers(model):
+    rings, entries = _RingTable(), []
+    layers = dict(quantized_layers(model))
+    for name, layer in layers.items():
         entries.append(_pack_layer(name, layer, rings))
-        packed_keys.update(_key(name, k) for k in layer.state_dict())
+    packed_keys = _packed_keys(layers)
     for key, tensor in model.state_dict().items():
         if key not in packed_keys:
             dtype, blob = _raw_tensor_bytes(key, tensor, half)
@@ -392,14 +422,20 @@ def _write(path, header, payload):
 def export_packed(model, config, path, half=False, extra=None):
     """Write ``model`` as a packed file at ``path`` (atomically); returns stats.
 
-    config: the dict ``build_model`` rebuilds the model from (JSON-serialisable);
+    config: the dict ``build_model`` rebuilds the model from (JSON-serialisable), or
+    None for a model of your own (converted by :func:`ringq.quantize_model`);
     half: store non-quantized float tensors as float16; extra: JSON-serialisable dict
     returned by :func:`load_packed`. Stats: file/header/payload/packed/raw
     bytes, quantized_weights, bits_per_layer {layer: bits}, half.
     """
     if not quantized_layers(model):
         raise ValueError("nothing to pack: the model has no quantized layers")
-    _check_config(model, config)
+    network = {}
+    if config is None:
+        config = quantization_config(model)
+        network = {"network": f"{type(model).__module__}.{type(model).__qualname__}"}
+    else:
+        _check_config(model, config)
     rings, entries = _entries(model, half)
     offset = 0
     for record, blob in entries:
@@ -409,7 +445,8 @@ def export_packed(model, config, path, half=False, extra=None):
     header = {"format": FORMAT, "version": FORMAT_VERSION, "config": dict(config),
               "half": bool(half), "rings": rings, "tensors": [r for r, _ in entries],
               "payload_bytes": len(payload),
-              "payload_sha256": hashlib.sha256(payload).hexdigest(), "extra": dict(extra or {})}
+              "payload_sha256": hashlib.sha256(payload).hexdigest(), "extra": dict(extra or {}),
+              **network}
     header_bytes = _write(path, header, payload)
     packed = [r for r, _ in entries if r["kind"] in CODECS]
     return {"file_bytes": header_bytes + len(payload), "header_bytes": header_bytes,
@@ -544,7 +581,7 @@ def _layout(header, model):
     """
     expected = {k: list(t.shape) for k, t in model.state_dict().items()}
     layers = dict(quantized_layers(model))
-    packed_keys = {_key(name, k) for name, layer in layers.items() for k in layer.state_dict()}
+    packed_keys = _packed_keys(layers)
     rings = [_float32_values(r, f"ring {i}") for i, r in enumerate(header["rings"])]
     plan, shapes = [], {}
     for record in header["tensors"]:
@@ -558,6 +595,8 @@ def _layout(header, model):
             _expect(isinstance(layers.get(name), codec.layer_class),
                     f"{name!r} is not a {codec.description} of this model")
             covered = {_key(name, k): shape for k, shape in codec.covers(record, rings).items()}
+            problem = codec.mismatch(record, layers[name])
+            _expect(problem is None, problem)
         _expect(not covered.keys() & shapes.keys(), f"{name}: stored twice")
         shapes.update(covered)
         plan.append((record, codec))
@@ -584,28 +623,39 @@ def _decode(plan, payload, rings):
     return state
 
 
-def load_packed(path, map_location="cpu"):
+def load_packed(path, map_location="cpu", model=None):
     """Load a packed file: (model in hard + eval mode, config, extra).
 
-    The model is ``build_model(config)`` with the stored rings and tensors and
-    positions ``ring_index / N``, so its hard weights equal the source's bit
-    for bit. The config is untrusted: it is checked, and the shapes it implies
-    are matched against the stored records, before the model is built. Any
+    Without ``model`` the model is ``build_model(config)`` (on ``map_location``) with
+    the stored rings and tensors and positions ``ring_index / N``, so its hard weights
+    equal the source's bit for bit. The config is untrusted: it is checked, and the
+    shapes it implies are matched against the stored records, before the model is
+    built. With ``model`` (a network of your own, converted as the file's was) the
+    records are matched against it and its state replaced in place, where it is. Any
     unreadable, corrupt or mismatched file raises :class:`CheckpointError`
-    ``"<path>: <reason>"``.
+    ``"<path>: <reason>"`` (a mismatch names the first layer that does not fit).
     """
     try:
         header, payload = _read_packed(path)
-        config = check_model_config(header["config"], f"{path}: config")
-        plan, rings = _layout(header, meta_model(config, f"{path}: config"))
+        config = header["config"]
+        if model is None:
+            if "network" in header:
+                raise _FormatError(f"holds a {str(header['network'])[:100]} converted by "
+                                   f"ringq.quantize_model, not a build_model network; build and "
+                                   f"convert that model the same way and pass it: "
+                                   f"load_packed(path, model)")
+            config = check_model_config(config, f"{path}: config")
+        target = meta_model(config, f"{path}: config") if model is None else model
+        plan, rings = _layout(header, target)
         state = _decode(plan, payload, rings)
     except _FormatError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    model = build_model(config)
+    if model is None:
+        model = build_model(config).to(map_location)
     model.load_state_dict(state)
     set_weight_mode(model, "hard")
     model.eval()
-    return model.to(map_location), config, header["extra"]
+    return model, config, header["extra"]
 
 
 def rewrite_extra(path, extra):

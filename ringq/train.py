@@ -23,7 +23,7 @@ import torch
 
 from models import build_model
 from models.convert import init_from_fp32
-from models.utils import count_parameters, quant_summary, ring_layers, ring_summary
+from models.utils import count_parameters, quant_summary, ring_summary
 
 from . import config as config_lib
 from . import data as data_lib
@@ -32,7 +32,8 @@ from .atomic import remove_stale_temps, save_atomic, write_text_atomic
 from .checkpoint import FORMAT, load_model_from_checkpoint, load_state, portable_config, safe_load
 from .distributed import cleanup, convert_batchnorm, init_distributed, local_rank_first, unwrap
 from .engine import (Interrupted, NonFiniteError, StopSignals, apply_epoch_schedule,
-                     evaluate_all_modes, lr_at, sigma_at, train_mode_at, train_one_epoch)
+                     evaluate_all_modes, lr_at, param_groups, sigma_at, train_mode_at,
+                     train_one_epoch)
 from .errors import CheckpointError, RingqError
 from .precision import resolve_precision
 from .report import report_dict
@@ -137,28 +138,6 @@ def resolve_run(args, task):
                                   f"(its identity differs from the recorded distill_source); "
                                   f"pass --distill-from with that checkpoint")
     return cfg, resume
-
-
-def _param_groups(model, cfg):
-    """SGD groups: the non-position parameters, then ring positions.
-
-    Positions take ``position_weight_decay`` and ``lr * position_lr_scale``;
-    with ``position_lr_fan_in`` each ring layer is its own group whose scale is
-    further multiplied by the layer's fan-in. ``lr_scale`` is kept in each group.
-    """
-    layers = [layer for _, layer in ring_layers(model)]
-    positions = {id(layer.positions) for layer in layers}
-    others = [p for p in model.parameters() if id(p) not in positions]
-    groups = [{"params": others, "weight_decay": cfg["weight_decay"], "lr_scale": 1.0}]
-    wd_pos = cfg["weight_decay"] if cfg["position_weight_decay"] is None \
-        else cfg["position_weight_decay"]
-    if cfg["position_lr_fan_in"]:
-        groups += [{"params": [layer.positions], "weight_decay": wd_pos,
-                    "lr_scale": cfg["position_lr_scale"] * layer.fan_in} for layer in layers]
-    elif layers:
-        groups.append({"params": [layer.positions for layer in layers], "weight_decay": wd_pos,
-                       "lr_scale": cfg["position_lr_scale"]})
-    return groups
 
 
 def _write_metrics(history, path):
@@ -419,7 +398,7 @@ def _setup(cfg, resume, overwrite, out, device, precision, dist_info, stop):
         apply_epoch_schedule(model, cfg, base_sigma, 1)  # match the weights epoch 1 starts with
         _init_from(model, mcfg, cfg["init_from"])
     teacher = _load_teacher(cfg, mcfg, device)
-    optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg["lr"],
+    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg["lr"],
                                 momentum=cfg["momentum"])
     history, best, start_epoch, rng = [], {"epoch": 0, "accuracy": -1.0}, 1, None
     if resume is not None:
