@@ -60,11 +60,13 @@ def _read(path, parse):
 
 def portable_log(text, folder):
     """A run's log.txt without this machine's paths: the run folder becomes ``RUN``, the
-    repository root and the interpreter go (``python train_cifar10.py ...``), and an
+    repository root (or a snapshot of it) and the interpreter go (``python
+    train_cifar10.py ...``), and an
     absolute path after a flag of ``PATH_FLAGS`` becomes its placeholder."""
     text = text.replace(sys.executable + " ", "python ")
     text = text.replace(str(Path(folder).resolve()), "RUN").replace(str(folder), "RUN")
     text = text.replace(str(ROOT) + "/", "")
+    text = re.sub(r"/\S*/(train_cifar10\.py|train_mnist\.py)", r"\1", text)  # a snapshot's
     for flag, placeholder in PATH_FLAGS.items():
         text = re.sub(rf"{flag} /\S+", f"{flag} {placeholder}", text)
     return text

@@ -133,7 +133,7 @@ def test_archived_logs_lose_machine_paths(tmp_path):
     folder = tmp_path / "runs" / "resnet20_fp32" / "seed1"
     text = (f"$ {sys.executable} {ROOT}/train_cifar10.py --config {ROOT}/experiments/x.yaml "
             f"--output-dir {folder} --data-dir /data/cifar --init-from /m/fp32/last.pt\n"
-            f"run {folder}: resnet20\n")
+            f"run {folder}: resnet20\n$ python /snap/code/train_mnist.py --resume /r/last.pt\n")
     assert records.portable_log(text, folder) == (
         "$ python train_cifar10.py --config experiments/x.yaml --output-dir RUN --data-dir DIR "
-        "--init-from SOURCE\nrun RUN: resnet20\n")
+        "--init-from SOURCE\nrun RUN: resnet20\n$ python train_mnist.py --resume RUN/last.pt\n")
