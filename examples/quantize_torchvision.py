@@ -6,7 +6,8 @@
 
 The model (resnet18 with a CIFAR stem: 3x3 conv1, stride 1, no max-pool; mobilenet_v2
 with a stride-1 stem; 10 classes) is converted by ringq.quantize_model to k-bit ring-4
-(``uniform``: LSQ 2-bit; ``none``: FP32), trained with ringq.Recipe (SGD, lr 0.1, cosine,
+(``uniform``: LSQ 2-bit; ``none``: FP32; the classifier stays FP32, and with
+``--fp32-depthwise`` the depthwise convs too), trained with ringq.Recipe (SGD, lr 0.1, cosine,
 weight decay 1e-4, batch 128, crop + flip), evaluated in hard mode on the test split and
 written as a packed file (a state dict for FP32) and an ONNX file. Progress goes to stderr;
 stdout is one JSON line: accuracy, the most distinct weight values of any quantized layer
@@ -41,6 +42,9 @@ def get_args_parser():
     parser.add_argument("--model", choices=MODELS, default="mobilenet_v2")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="ring",
                         help="ring: k-bit ring-4; uniform: LSQ 2-bit; none: FP32")
+    parser.add_argument("--fp32-depthwise", action="store_true",
+                        help="keep the depthwise convs (groups > 1) FP32 too, beside the "
+                             "classifier")
     parser.add_argument("--data-dir", default="./data",
                         help="CIFAR-10: cifar-10-batches-py/ or an ImageFolder train/ + test/")
     parser.add_argument("--epochs", type=int_in(1), default=30)
@@ -68,6 +72,14 @@ def build(name):
         model = torchvision.models.mobilenet_v2(weights=None, num_classes=10)
         model.features[0][0].stride = (1, 1)
     return model
+
+
+def fp32_layers(model, depthwise):
+    """Names of the layers to keep FP32: the classifier (the last nn.Linear), and with
+    ``depthwise`` every grouped conv."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    grouped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    return linears[-1:] + (grouped if depthwise else [])
 
 
 def split(args, name):
@@ -113,7 +125,8 @@ def main(argv=None):
     model = build(args.model)
     fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if quantized:
-        ringq.quantize_model(model, args.quantization)
+        ringq.quantize_model(model, args.quantization, keep_fp32=fp32_layers(
+            model, args.fp32_depthwise))
     model.to(device)
     mean, std = data.NORMALIZATION["cifar10"]
     common = dict(mean=mean, std=std, device=device, seed=args.seed)
@@ -129,7 +142,8 @@ def main(argv=None):
     else:
         save_atomic(model.state_dict(), output)
         file_bytes = output.stat().st_size
-    report = {"model": args.model, "quantization": args.quantization, "epochs": args.epochs,
+    report = {"model": args.model, "quantization": args.quantization,
+              "fp32_depthwise": args.fp32_depthwise, "epochs": args.epochs,
               "train_images": len(train_set), "test_images": result["num_examples"],
               "accuracy": round(result["accuracy"], 2),
               "max_distinct_levels": max(ringq.distinct_levels(model).values(), default=None),

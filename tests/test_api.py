@@ -380,3 +380,14 @@ def test_example_runs_end_to_end_on_tiny_data(tmp_path, capsys):
     assert report["max_distinct_levels"] == 4 and report["bytes"] == out.stat().st_size
     assert isinstance(ringq.load_packed(out, ringq.quantize_model(example.build("mobilenet_v2"))),
                       nn.Module)
+
+
+def test_example_keeps_the_depthwise_convs_fp32_when_asked():
+    model = example.build("mobilenet_v2")
+    assert example.fp32_layers(model, False) == ["classifier.1"]
+    ringq.quantize_model(model, keep_fp32=example.fp32_layers(model, True))
+    plain = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    assert len(plain) == 18 and plain[-1] == "classifier.1"
+    assert all(model.get_submodule(n).groups == model.get_submodule(n).in_channels > 1
+               for n in plain[:-1])
+    assert len(ringq.distinct_levels(model)) == 53 - 17 - 1  # 52 convs and a linear in all
