@@ -153,16 +153,9 @@ def format_onnx_report(report):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    if args.json:
-        check_json_target(args.json)
-    if str(args.checkpoint).endswith(".onnx"):
-        report = evaluate_onnx_file(args)
-        print(format_onnx_report(report))
-        if args.json:
-            write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
-        return report
+def evaluate_checkpoint(args):
+    """(report, text) of a PyTorch checkpoint or packed file on the test split: every
+    mode, post-training quantization and BatchNorm re-estimation as the flags ask."""
     if args.reference:
         raise RingqError("--reference is for an .onnx checkpoint")
     device = resolve_device(args.device)
@@ -204,7 +197,19 @@ def main(argv=None):
         after = evaluate(model, test_loader, device, "hard", progress=progress)
         report["bn_recalibration"] = {"images": used, "accuracy": round(after["accuracy"], 4),
                                       "loss": round(after["loss"], 6)}
-    print(format_report(report, meta, args.checkpoint))
+    return report, format_report(report, meta, args.checkpoint)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.json:
+        check_json_target(args.json)
+    if str(args.checkpoint).endswith(".onnx"):
+        report = evaluate_onnx_file(args)
+        text = format_onnx_report(report)
+    else:
+        report, text = evaluate_checkpoint(args)
+    print(text)
     if args.json:
         write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
     return report

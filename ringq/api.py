@@ -30,7 +30,7 @@ from models.utils import clamp_positions, quantized_layers, ring_summary, weight
 from . import packing
 from .engine import apply_epoch_schedule, param_groups, sigma_at, train_mode_at
 from .errors import RingqError
-from .trust import _problem as option_problem
+from .trust import option_problem
 
 # The k-bit ring-4 recipe of experiments/cifar10_cpu/resnet20_ring4_kbit.yaml (tests check it).
 RING_DEFAULTS = {"ring_size": 4, "ring_layout": "distinct", "ring_type": "triangle",

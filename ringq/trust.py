@@ -45,7 +45,7 @@ def _type_problem(option, value):
     return None if ok else f"must be {option.type.__name__}, got {_show(value)}"
 
 
-def _problem(key, value):
+def option_problem(key, value):
     """Why ``value`` is not a valid ``key`` of a model config (None when it is)."""
     if key in SIZE_RANGES:
         low, high = SIZE_RANGES[key]
@@ -76,7 +76,7 @@ def check_model_config(config, where):
     for key, value in config.items():
         if key not in OPTION_KEYS and key not in SIZE_RANGES:
             raise CheckpointError(f"{where}: unknown key {_show(key)}")
-        problem = _problem(key, value)
+        problem = option_problem(key, value)
         if problem:
             raise CheckpointError(f"{where}: {key}: {problem}")
     missing = [key for key in REQUIRED_KEYS if key not in config]
