@@ -9,9 +9,12 @@ with a stride-1 stem; 10 classes) is converted by ringq.quantize_model to k-bit 
 (``uniform``: LSQ 2-bit; ``none``: FP32; the classifier stays FP32, and with
 ``--fp32-depthwise`` the depthwise convs too), trained with ringq.Recipe (SGD, lr 0.1, cosine,
 weight decay 1e-4, batch 128, crop + flip), evaluated in hard mode on the test split and
-written as a packed file (a state dict for FP32) and an ONNX file. Progress goes to stderr;
-stdout is one JSON line: accuracy, the most distinct weight values of any quantized layer
-(per output channel for uniform), the file sizes.
+written as a packed file (a state dict for FP32) and an ONNX file. The accuracy is that of the
+written file, read back (``--half``: the FP32 tensors stored as float16). ``--load FILE`` skips
+training and starts from a file this script wrote with the same --model, --quantization and
+--fp32-depthwise (to rewrite it with --half, or export it). Progress goes to stderr; stdout is
+one JSON line: accuracy, the most distinct weight values of any quantized layer (per output
+channel for uniform), the file sizes.
 """
 import argparse
 import json
@@ -27,8 +30,9 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ringq  # noqa: E402  (after the path to the repository)
-from ringq import data  # noqa: E402
+from ringq import data, packing  # noqa: E402
 from ringq.atomic import save_atomic  # noqa: E402
+from ringq.checkpoint import safe_load  # noqa: E402
 from ringq.engine import evaluate  # noqa: E402
 from ringq.onnx_export import export_onnx  # noqa: E402
 from ringq.runtime import ArgumentParser, int_in, resolve_device, run_cli, seed_everything  # noqa: E402,E501
@@ -55,6 +59,12 @@ def get_args_parser():
                         help="packed file to write (default runs/<model>_<quantization>.rqp)")
     parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                         help="also write the ONNX file next to --output")
+    parser.add_argument("--half", action="store_true",
+                        help="store the packed file's FP32 tensors (BatchNorms, the FP32 "
+                             "layers) as float16; the accuracy is measured on them")
+    parser.add_argument("--load", default=None, metavar="FILE",
+                        help="no training: start from this packed file (a state dict for "
+                             "--quantization none) written by this script for the same model")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int_in(1), default=128)
     parser.add_argument("--seed", type=int_in(0), default=1)
@@ -88,6 +98,15 @@ def split(args, name):
         if args.subset else ds
 
 
+def load_trained(model, path, quantized):
+    """Fill ``model`` (built and converted as the file's was) from a file this script wrote;
+    returns the training facts stored with it ({} for a state dict or an older file)."""
+    if quantized:
+        return packing.load_packed(path, model=model)[2].get("training", {})
+    model.load_state_dict(safe_load(path))
+    return {}
+
+
 def train(model, recipe, loader, args):
     """The plain training loop: SGD over the recipe's groups, cosine learning rate."""
     optimizer = recipe.attach(torch.optim.SGD(recipe.param_groups(args.lr, weight_decay=1e-4),
@@ -115,13 +134,16 @@ def train(model, recipe, loader, args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.half and args.quantization == "none":
+        parser.error("--half is for packed files; --quantization none writes a state dict")
     device = resolve_device(args.device)
     quantized = args.quantization != "none"
     output = Path(args.output or f"runs/{args.model}_{args.quantization}."
                   f"{'rqp' if quantized else 'pt'}")
     seed_everything(args.seed)
-    train_set, test_set = split(args, "train"), split(args, "test")
+    test_set = split(args, "test")
     model = build(args.model)
     fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if quantized:
@@ -130,26 +152,35 @@ def main(argv=None):
     model.to(device)
     mean, std = data.NORMALIZATION["cifar10"]
     common = dict(mean=mean, std=std, device=device, seed=args.seed)
-    loader = data.make_loader("memory", train_set, args.batch_size, shuffle=True, augment=True,
-                              **common)
-    train(model, ringq.Recipe(model, args.epochs), loader, args)
-    test_loader = data.make_loader("memory", test_set, 500, shuffle=False, augment=False,
-                                   **common)
-    result = evaluate(model, test_loader, device, mode="hard" if quantized else None)
+    if args.load:
+        training = load_trained(model, args.load, quantized)
+    else:
+        train_set = split(args, "train")
+        loader = data.make_loader("memory", train_set, args.batch_size, shuffle=True,
+                                  augment=True, **common)
+        train(model, ringq.Recipe(model, args.epochs), loader, args)
+        training = {"epochs": args.epochs, "train_images": len(train_set), "seed": args.seed}
     output.parent.mkdir(parents=True, exist_ok=True)
     if quantized:
-        file_bytes = ringq.save_packed(model, output)["file_bytes"]
+        file_bytes = ringq.save_packed(model, output, half=args.half,
+                                       extra={"training": training})["file_bytes"]
+        ringq.load_packed(output, model)
     else:
         save_atomic(model.state_dict(), output)
         file_bytes = output.stat().st_size
+    test_loader = data.make_loader("memory", test_set, 500, shuffle=False, augment=False,
+                                   **common)
+    result = evaluate(model, test_loader, device, mode="hard" if quantized else None)
     report = {"model": args.model, "quantization": args.quantization,
-              "fp32_depthwise": args.fp32_depthwise, "epochs": args.epochs,
-              "train_images": len(train_set), "test_images": result["num_examples"],
+              "fp32_depthwise": args.fp32_depthwise, "epochs": training.get("epochs"),
+              "train_images": training.get("train_images"),
+              "test_images": result["num_examples"], "loaded_from": args.load,
               "accuracy": round(result["accuracy"], 2),
               "max_distinct_levels": max(ringq.distinct_levels(model).values(), default=None),
               "levels_counted_per": {"ring": "layer", "uniform": "output channel"}.get(
-                  args.quantization), "output": str(output), "bytes": file_bytes,
-              "fp32_state_dict_bytes": fp32_bytes, "ratio": round(fp32_bytes / file_bytes, 2)}
+                  args.quantization), "output": str(output), "half": args.half,
+              "bytes": file_bytes, "fp32_state_dict_bytes": fp32_bytes,
+              "ratio": round(fp32_bytes / file_bytes, 2)}
     if args.onnx:
         onnx_path = output.with_suffix(".onnx")
         report.update(onnx=str(onnx_path), onnx_bytes=export_onnx(

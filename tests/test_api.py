@@ -17,7 +17,7 @@ from PIL import Image
 import ringq
 from models import build_model
 from models.utils import quantized_layers, ring_layers, set_weight_mode, weight_mode
-from ringq import api, engine, train
+from ringq import api, data, engine, train
 from ringq.config import OPTION_BY_NAME
 from ringq.errors import CheckpointError, RingqError
 from ringq.packing import packed_nbytes, size_report
@@ -380,6 +380,28 @@ def test_example_runs_end_to_end_on_tiny_data(tmp_path, capsys):
     assert report["max_distinct_levels"] == 4 and report["bytes"] == out.stat().st_size
     assert isinstance(ringq.load_packed(out, ringq.quantize_model(example.build("mobilenet_v2"))),
                       nn.Module)
+    half = example.main(["--model", "mobilenet_v2", "--data-dir", str(tmp_path / "data"),
+                         "--load", str(out), "--half", "--output", str(tmp_path / "h.rqp"),
+                         "--no-onnx"])
+    assert half["loaded_from"] == str(out) and half["half"]
+    assert (half["epochs"], half["train_images"]) == (1, 20)  # the facts the file carries
+    assert half["bytes"] < report["bytes"] and half["max_distinct_levels"] == 4
+    assert half["accuracy"] == _hard_accuracy_of(tmp_path / "h.rqp", tmp_path / "data")
+
+
+def _hard_accuracy_of(path, data_dir):
+    """Test accuracy (%) of a packed mobilenet_v2 file, read back and run in hard mode."""
+    model = ringq.load_packed(path, ringq.quantize_model(example.build("mobilenet_v2")))
+    images, labels = [], []
+    for folder in sorted((data_dir / "test").iterdir()):
+        for f in sorted(folder.iterdir()):
+            images.append(np.asarray(Image.open(f), dtype=np.float32) / 255)
+            labels.append(int(folder.name[len("class"):]))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in data.NORMALIZATION["cifar10"])
+    x = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) - mean) / std
+    with torch.no_grad():
+        predictions = model(x).argmax(1)
+    return round(100 * float((predictions == torch.tensor(labels)).float().mean()), 2)
 
 
 def test_example_keeps_the_depthwise_convs_fp32_when_asked():
