@@ -3,6 +3,7 @@
 
     python experiments/summarize.py RUNS_DIR --data-dir DIR [--ptq-bits 8 4]
                                     [--bn-recalibrate 10000] [--device cpu] [--archive DEST]
+                                    [--paper experiments/paper_resnet20_cifar10.yaml]
 
 RUNS_DIR is a folder the runner wrote (``<config>/seed<k>/``). For every finished
 run the evaluations below are written into its folder, each skipped when its JSON
@@ -24,6 +25,12 @@ model (hard, soft beside it for rings; mean ± population std over seeds) and of
 and the packed file's bytes with its compression ratio, overall and over the
 quantized layers.
 
+``--paper FILE`` (YAML: ``fp32_row``, the FP32 config, and ``accuracy``, the published
+figure per config) adds the published figure, the published gap to FP32 and this sweep's
+gaps to its FP32 row (FP32's final accuracy minus the row's final hard and soft means);
+``RUNS_DIR/paper.yaml`` is read when ``--paper`` is not given, and ``--archive`` copies the
+file there.
+
 ``--archive DEST`` then copies every run's records (``RECORDS``: config, final
 accuracy, per-epoch metrics, log and the JSON reports above, no checkpoints) to
 ``DEST/<config>/seed<k>/`` with the summary beside them: a tree small enough to
@@ -37,6 +44,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -46,6 +55,8 @@ from ringq.runtime import run_logged  # noqa: E402
 COLUMNS = ["row", "seeds", "bits", "levels", "final_hard", "final_soft", "best_hard", "bytes",
            "ratio", "ratio_quantized"]
 RECORDS = ("config.yaml", "final.json", "metrics.csv", "log.txt", "eval_*.json", "export_*.json")
+PAPER_COLUMNS = ["paper", "paper_gap", "gap_hard", "gap_soft"]
+PAPER_FILE = "paper.yaml"
 
 
 def get_args_parser():
@@ -61,7 +72,28 @@ def get_args_parser():
     parser.add_argument("--device", default="cpu", help="device of the evaluations")
     parser.add_argument("--archive", type=Path, metavar="DEST",
                         help="copy the runs' records (no checkpoints) and the summary to DEST")
+    parser.add_argument("--paper", type=Path, metavar="FILE",
+                        help="published figures (YAML: fp32_row, accuracy: {config: %%}) to "
+                             "set beside the rows, with the gaps to FP32 (default: "
+                             f"RUNS_DIR/{PAPER_FILE} when present)")
     return parser
+
+
+def load_paper(path):
+    """The published figures of ``path``: {"fp32_row": config, "accuracy": {config: %}};
+    RecordError (one line) when the file is not of that shape."""
+    try:
+        paper = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise records.RecordError(f"{path}: not a readable YAML file ({type(e).__name__})") \
+            from None
+    accuracy = paper.get("accuracy") if isinstance(paper, dict) else None
+    if not (isinstance(accuracy, dict) and accuracy and
+            all(isinstance(v, (int, float)) for v in accuracy.values()) and
+            paper.get("fp32_row") in accuracy):
+        raise records.RecordError(f"{path}: expected fp32_row: CONFIG and accuracy: {{CONFIG: "
+                                  f"PERCENT}} holding that config")
+    return paper
 
 
 def published_ring(cfg):
@@ -148,15 +180,23 @@ def row_samples(config, folder, cfg, final, ptq_bits):
     return rows
 
 
-def summarise(runs, ptq_bits):
-    """Table rows (dicts of COLUMNS, formatted), in config order; RecordError when the
-    runs of one config are not seeds of one recipe."""
+def _mean(values):
+    """The mean of the values that are not None; None when there are none."""
+    values = [v for v in values if v is not None]
+    return records.mean_std(values)[0] if values else None
+
+
+def summarise(runs, ptq_bits, paper=None):
+    """Table rows (dicts of COLUMNS, and PAPER_COLUMNS with ``paper``, formatted), in config
+    order; RecordError when the runs of one config are not seeds of one recipe."""
     samples = {}
     for group in records.rows_by_config(runs).values():
         for run in group:
             for row, values in row_samples(run.config, run.folder, run.cfg, run.final,
                                            ptq_bits).items():
                 samples.setdefault(row, []).append(values)
+    means = {row: {key: _mean([s.get(key) for s in seeds]) for key in ("final_hard", "final_soft")}
+             for row, seeds in samples.items()}
     table = []
     for row, seeds in samples.items():
         out = {"row": row, "seeds": len(seeds), "bits": f"{seeds[0]['bits']:g}",
@@ -167,20 +207,41 @@ def summarise(runs, ptq_bits):
                          ("ratio_quantized", "{:.2f}x")):
             values = [s[key] for s in seeds if s.get(key) is not None]
             out[key] = fmt.format(records.mean_std(values)[0]) if values else "-"
+        if paper:
+            out.update(paper_columns(row, means, paper))
         table.append(out)
     return table
 
 
+def paper_columns(row, means, paper):
+    """The published figure and gap of ``row``, and its gaps to this sweep's FP32 row."""
+    published, fp32_row = paper["accuracy"], paper["fp32_row"]
+    fp32 = means.get(fp32_row, {}).get("final_hard")
+
+    def gap(reference, value):
+        return "-" if reference is None or value is None else f"{reference - value:.2f}"
+
+    return {"paper": f"{published[row]:.2f}" if row in published else "-",
+            "paper_gap": gap(published[fp32_row], published.get(row)),
+            "gap_hard": gap(fp32, means[row]["final_hard"]),
+            "gap_soft": gap(fp32, means[row]["final_soft"])}
+
+
 HEADER = ["row", "seeds", "bits", "levels", "final, hard", "final, soft", "best.pt, hard",
           "packed bytes (best.pt)", "ratio (best.pt)", "ratio, quantized layers"]
+PAPER_HEADER = ["paper", "paper's gap to FP32", "gap to FP32, hard", "gap to FP32, soft"]
 NOTE = (f"Test accuracy, {records.STD_LABEL}. The packed bytes and ratios are those of "
         "best.pt's packed file (the final model's file differs by a few bytes of header).")
+PAPER_NOTE = (" The paper's figures and gaps are its own (soft mode for rings); the gaps to "
+              "FP32 are this sweep's FP32 final accuracy minus the row's final mean.")
 
 
-def write_summary(table, root):
-    records.write_csv(root / "summary.csv", COLUMNS, table)
-    text = NOTE + "\n\n" + records.markdown_table(HEADER, [[r[c] for c in COLUMNS]
-                                                         for r in table])
+def write_summary(table, root, paper=False):
+    columns, header = (COLUMNS + PAPER_COLUMNS, HEADER + PAPER_HEADER) if paper else \
+        (COLUMNS, HEADER)
+    records.write_csv(root / "summary.csv", columns, table)
+    text = NOTE + (PAPER_NOTE if paper else "") + "\n\n" + records.markdown_table(
+        header, [[r[c] for c in columns] for r in table])
     (root / "summary.md").write_text(text + "\n")
     return text
 
@@ -205,9 +266,11 @@ def main(argv=None):
     if not args.runs.is_dir():
         print(f"error: no such folder: {args.runs}", file=sys.stderr)
         return 2
+    paper_path = args.paper or (args.runs / PAPER_FILE)
     try:
         runs = records.finished_runs(args.runs)
         records.rows_by_config(runs)
+        paper = load_paper(paper_path) if args.paper or paper_path.is_file() else None
     except records.RecordError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -220,11 +283,13 @@ def main(argv=None):
               f"{next(f for f, s in steps.items() if s)}); pass --data-dir", file=sys.stderr)
         return 2
     failed = [name for folder, todo in steps.items() for name in run_evaluations(folder, todo)]
-    table = summarise(runs, args.ptq_bits)
-    print(write_summary(table, args.runs))
+    table = summarise(runs, args.ptq_bits, paper)
+    print(write_summary(table, args.runs, bool(paper)))
     if args.archive:
         archive(runs, args.archive)
-        write_summary(table, args.archive)
+        write_summary(table, args.archive, bool(paper))
+        if paper and paper_path.resolve() != (args.archive / PAPER_FILE).resolve():
+            shutil.copy2(paper_path, args.archive / PAPER_FILE)
     if failed:
         print(f"{len(failed)} evaluation(s) failed; see summarize.log in: "
               + ", ".join(failed), file=sys.stderr)

@@ -83,3 +83,48 @@ def test_missing_evaluation_without_data_dir_is_one_line(sweep, tmp_path, capsys
         assert "evaluation(s) to run (first:" in capsys.readouterr().err
     finally:
         (tmp_path / "kept.json").rename(root / "mlp_fp32" / "seed1" / "eval_best.json")
+
+
+def test_paper_columns_and_gaps(sweep, tmp_path, capsys):
+    """--paper sets the published figure and gaps beside the rows; the archive keeps the
+    file, so the table redraws from the records alone."""
+    root, data = sweep
+    paper = tmp_path / "paper.yaml"
+    paper.write_text("fp32_row: mlp_fp32\naccuracy: {mlp_fp32: 91.93, mlp_ring4: 89.27}\n")
+    dest = tmp_path / "records"
+    assert summarize.main([str(root), "--data-dir", str(data), "--ptq-bits", "8",
+                           "--bn-recalibrate", "60", "--paper", str(paper),
+                           "--archive", str(dest)]) == 0
+    with open(dest / "summary.csv") as f:
+        rows = {r["row"]: r for r in csv.DictReader(f)}
+    fp32 = float(rows["mlp_fp32"]["final_hard"])
+    ring = rows["mlp_ring4"]
+    assert (ring["paper"], ring["paper_gap"]) == ("89.27", "2.66")
+    assert float(ring["gap_hard"]) == pytest.approx(fp32 - float(ring["final_hard"]), abs=0.011)
+    assert float(ring["gap_soft"]) == pytest.approx(fp32 - float(ring["final_soft"]), abs=0.011)
+    assert rows["mlp_fp32"]["gap_hard"] == "0.00" and rows["mlp_fp32"]["gap_soft"] == "-"
+    assert rows["mlp_uniform2"]["paper"] == rows["mlp_uniform2"]["paper_gap"] == "-"
+    assert "| paper | paper's gap to FP32 |" in (dest / "summary.md").read_text()
+    table = (dest / "summary.md").read_text()
+    (dest / "summary.md").unlink()
+    assert summarize.main([str(dest), "--ptq-bits", "8"]) == 0  # reads dest/paper.yaml
+    assert (dest / "summary.md").read_text() == table
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "fp32_row: x\naccuracy: {y: 1.0}\n",
+                                  "fp32_row: x\naccuracy: {x: high}\n", "a: [unclosed\n"])
+def test_a_bad_paper_file_is_one_line(sweep, tmp_path, capsys, text):
+    root, _ = sweep
+    paper = tmp_path / "paper.yaml"
+    paper.write_text(text)
+    assert summarize.main([str(root), "--paper", str(paper)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {paper}") and "\n" not in err
+
+
+def test_the_published_figures_file():
+    paper = summarize.load_paper(ROOT / "experiments" / "paper_resnet20_cifar10.yaml")
+    assert paper["accuracy"] == {"resnet20_fp32": 91.93, "resnet20_ring8": 89.99,
+                                 "resnet20_ring4": 89.27}
+    assert all((ROOT / "experiments" / "cifar10_200ep" / f"{row}.yaml").is_file()
+               for row in paper["accuracy"])
