@@ -27,6 +27,9 @@ from ringq.config import with_recorded_split  # noqa: E402
 SEED_FOLDER = re.compile(r"seed(\d+)")
 PATH_FLAGS = {"--data-dir": "DIR", "--init-from": "SOURCE", "--distill-from": "SOURCE",
               "--resume": "RUN/last.pt"}
+# "$ INTERPRETER [/any/folder/]SCRIPT.py": the script keeps its path under the root
+COMMAND_LINE = re.compile(r"^\$ \S+ (?:/\S*?/)?((?:experiments/|examples/|bench/)?[\w.-]+\.py)\b",
+                          re.M)
 STD_LABEL = "mean ± population std over seeds"
 
 
@@ -59,14 +62,14 @@ def _read(path, parse):
 
 
 def portable_log(text, folder):
-    """A run's log.txt without this machine's paths: the run folder becomes ``RUN``, the
-    repository root (or a snapshot of it) and the interpreter go (``python
-    train_cifar10.py ...``), and an
-    absolute path after a flag of ``PATH_FLAGS`` becomes its placeholder."""
-    text = text.replace(sys.executable + " ", "python ")
+    """A run's log.txt without this machine's paths: the run folder becomes ``RUN``, a
+    command line's interpreter becomes ``python`` and its script loses the folder it ran
+    from (the repository root or a snapshot of it), paths under the repository root
+    become relative, and an absolute path after a flag of ``PATH_FLAGS`` becomes its
+    placeholder."""
     text = text.replace(str(Path(folder).resolve()), "RUN").replace(str(folder), "RUN")
+    text = COMMAND_LINE.sub(r"$ python \1", text)
     text = text.replace(str(ROOT) + "/", "")
-    text = re.sub(r"/\S*/(train_cifar10\.py|train_mnist\.py)", r"\1", text)  # a snapshot's
     for flag, placeholder in PATH_FLAGS.items():
         text = re.sub(rf"{flag} /\S+", f"{flag} {placeholder}", text)
     return text

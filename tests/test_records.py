@@ -137,3 +137,13 @@ def test_archived_logs_lose_machine_paths(tmp_path):
     assert records.portable_log(text, folder) == (
         "$ python train_cifar10.py --config experiments/x.yaml --output-dir RUN --data-dir DIR "
         "--init-from SOURCE\nrun RUN: resnet20\n$ python train_mnist.py --resume RUN/last.pt\n")
+
+
+def test_archived_logs_lose_another_interpreter_and_snapshot():
+    """A queue's interpreter and code snapshot are not this process's: both go too."""
+    text = ("$ /home/u/venv/bin/python /home/u/snap/train_cifar10.py --seed 1\n"
+            "$ /opt/py3 /home/u/snap/experiments/run.py experiments/cifar10_200ep\n"
+            "epoch 1/200 lr 0.1 | see /home/u/notes.py\n")
+    assert records.portable_log(text, "/x/run") == (
+        "$ python train_cifar10.py --seed 1\n$ python experiments/run.py experiments/cifar10_200ep\n"
+        "epoch 1/200 lr 0.1 | see /home/u/notes.py\n")
