@@ -128,17 +128,25 @@ def test_levers_change_one_setting_of_their_row():
 def test_200_epoch_configs_are_their_cpu_rows_on_the_published_schedule():
     """experiments/cifar10_200ep: each config is its 30-epoch full-data row with the paper's
     schedule (200 epochs, milestones 100 and 150) and its straight-through epochs scaled
-    with it (a fifth of the run); nothing else changes."""
+    with it (a fifth of the run); a ``_distill`` config is its 30-epoch distillation trial
+    with this sweep's FP32 run as teacher; nothing else changes."""
     paths = sorted((ROOT / "experiments" / "cifar10_200ep").glob("*.yaml"))
     assert {"resnet20_fp32", "resnet20_ring4_kbit", "resnet20_uniform2", "resnet20_ring4",
-            "resnet20_ring8", "resnet20_ring8_kbit"} <= {p.stem for p in paths}
+            "resnet20_ring8", "resnet20_ring8_kbit", "resnet20_ring4_kbit_distill",
+            "resnet20_uniform2_distill"} <= {p.stem for p in paths}
+    teacher = "pretrained/resnet20_fp32_200ep_cifar10.pt"
     for path in paths:
-        base = config_lib.load_yaml(ROOT / "experiments" / "cifar10_cpu" / path.name)
+        distilled = path.stem.endswith("_distill")
+        folder = "cifar10_cpu_distill" if distilled else "cifar10_cpu"
+        base = config_lib.load_yaml(ROOT / "experiments" / folder / path.name)
         scaled = {"epochs": 200, "schedule": [100, 150]}
+        if distilled:
+            scaled["distill_from"] = teacher
         if base.get("ste_epochs"):
             assert base["ste_epochs"] == 6
             scaled["ste_epochs"] = 40  # a fifth of the run, as 6 of 30 (and 12 of 60)
         assert config_lib.load_yaml(path) == {**base, **scaled}, path.name
+    assert (ROOT / teacher).is_file()
 
 
 def test_distillation_trials_are_their_rows_with_the_fp32_teacher():
