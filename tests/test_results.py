@@ -46,7 +46,8 @@ def test_own_model_records_carry_no_machine_paths():
 
 def test_own_model_table_is_what_the_records_say():
     """Every figure of RESULTS.md section 8's table row is the record's: accuracy, bytes."""
-    section = (ROOT / "docs" / "RESULTS.md").read_text().split("## 8. Your own model")[1].split("\n## ")[0]
+    text = (ROOT / "docs" / "RESULTS.md").read_text()
+    section = text.split("## 8. Your own model")[1].split("\n## ")[0]
     rows = {"FP32": "fp32", "k-bit ring-4": "ring4", "LSQ 2-bit": "uniform2",
             "k-bit ring-4, depthwise FP32": "ring4_fp32dw",
             "LSQ 2-bit, depthwise FP32": "uniform2_fp32dw"}
